@@ -1,0 +1,55 @@
+"""The `agfsync-jax` command: one subcommand per pipeline stage.
+
+    agfsync-jax STAGE --config=configs/tiny.py --workdir=DIR [--config.train.learning_rate=1e-6 ...]
+
+Every stage module exposes `run(config, workdir)`; this file only parses flags and dispatches.
+Stages are imported lazily so that `agfsync-jax prompts` never starts JAX or PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# stage name -> ("module", "function", one-line help). Only stages that exist are listed.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "tiny-model": ("agfsync_jax.models.tiny", "run", "build the tiny random base model"),
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the run (stage artifacts).")
+
+
+def _usage() -> str:
+    lines = ["usage: agfsync-jax STAGE --config=CONFIG --workdir=DIR [--config.x.y=value ...]",
+             "", "stages:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def _main(argv: list[str], stage: str) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required\n" + _usage())
+    module_name, fn_name, _ = STAGES[stage]
+    logging.info("stage %s, workdir %s", stage, _WORKDIR.value)
+    getattr(importlib.import_module(module_name), fn_name)(_CONFIG.value, _WORKDIR.value)
+
+
+def run() -> None:
+    """Console-script entry: `agfsync-jax STAGE ...`."""
+    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
+        print(_usage(), file=sys.stderr)
+        sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
+    stage = sys.argv[1]
+    argv = [f"{sys.argv[0]} {stage}"] + sys.argv[2:]
+    app.run(lambda a: _main(a, stage), argv=argv)
+
+
+if __name__ == "__main__":
+    run()

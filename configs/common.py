@@ -1,0 +1,116 @@
+"""Defaults shared by every config; each config file starts from `base_config()` and overrides.
+
+Building a config has no side effects: paths are strings, nothing is created or downloaded.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- model -------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # A local diffusers-format folder (SD1.4/1.5 or SDXL layout). Empty with `tiny` set: the run
+    # builds a tiny random pipeline into WORKDIR/base_model and loads it from there.
+    c.model.path = ""
+    c.model.tiny = ""  # "" | "sd1" | "sdxl"
+    c.model.param_dtype = "float32"  # master weights
+    c.model.compute_dtype = "float32"  # "bfloat16" for bf16 activations and matmuls
+    c.model.resolution = 512
+
+    # --- device mesh -------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: every device not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.shard_params = "fsdp"  # "fsdp" | "replicate"
+    # Kernels with fewer elements than this stay replicated: sharding them costs more in
+    # collectives than it saves in memory.
+    c.mesh.min_shard_size = 2**16
+
+    # --- stage sharding (prep stages: --config.shard.index=i --config.shard.count=n) ----------
+    c.shard = ml_collections.ConfigDict()
+    c.shard.index = 0
+    c.shard.count = 1
+
+    # --- prompts (data_prep.prompts) ---------------------------------------------------------
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.source = "offline"  # "offline" | "llm" | "benchmark"
+    c.prompts.per_category = 100
+    c.prompts.min_questions = 5
+    c.prompts.instruction_pairs = 0  # InstructEngine pairs to add
+    c.prompts.benchmark = ml_collections.ConfigDict()
+    c.prompts.benchmark.format = ""  # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text
+    c.prompts.benchmark.path = ""
+    c.prompts.llm = ml_collections.ConfigDict()
+    c.prompts.llm.backend = "openai"  # "openai" | "local"
+    c.prompts.llm.base_url = "http://127.0.0.1:8000/v1"
+    c.prompts.llm.model = ""
+    c.prompts.llm.api_key_env = "OPENAI_API_KEY"
+    c.prompts.llm.local_path = ""
+    c.prompts.llm.max_concurrency = 8
+    c.prompts.llm.timeout_s = 60.0
+    c.prompts.llm.max_retries = 5
+    c.prompts.llm.temperature = 0.9
+    c.prompts.embedding_model_path = ""  # near-duplicate removal by embedding cosine when set
+    c.prompts.dedup_threshold = 0.9
+
+    # --- candidate sampling (agfsync_jax.sampling) -------------------------------------------
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.num_candidates = 8
+    c.sampling.noise_sigma = 0.1
+    c.sampling.clean_first_candidate = False  # the authors' code keeps candidate 0 clean
+    c.sampling.scheduler = "ddim"  # ddim | dpm_solver | euler | pndm
+    c.sampling.steps = 50
+    c.sampling.guidance_scale = 7.5
+    c.sampling.batch_size = 8  # images per device batch, global
+    c.sampling.save_png = True
+
+    # --- scoring and pairs (data_prep.scoring, PyTorch) --------------------------------------
+    c.scoring = ml_collections.ConfigDict()
+    c.scoring.weights_preset = "paper"  # "paper" (0.35/0.55/0.10) | "released_code" (0/0.85/0.15)
+    c.scoring.vqa_path = ""
+    c.scoring.vqa_mode = "likelihood"  # "likelihood" | "generate"
+    c.scoring.clip_path = ""
+    c.scoring.aesthetic_clip_path = ""  # CLIP ViT-L/14 folder for the aesthetic head
+    c.scoring.aesthetic_head_path = ""
+    c.scoring.extra = ""  # comma-separated extra scorers, e.g. "pickscore"
+    c.scoring.batch_size = 16
+    c.scoring.min_margin = 0.0
+    c.scoring.store_png = True
+
+    # --- Diffusion-DPO training (agfsync_jax.training) ---------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.loss = "dpo"  # dpo | cross_dpo | released_code_dpo | sft
+    c.train.beta = 5000.0
+    c.train.learning_rate = 5e-7
+    c.train.warmup_steps = 0
+    c.train.batch_size = 128  # pairs per optimizer step, global
+    c.train.grad_accum_steps = 1
+    c.train.steps = 1000
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.weight_decay = 1e-2
+    c.train.grad_clip_norm = 1.0
+    c.train.remat = False
+    c.train.prompt_dropout = 0.0
+    c.train.nonfinite = "skip"  # "skip" (count, keep params) | "stop"
+    c.train.text_encoding = "in_step"  # "in_step" | "cached"
+    c.train.shuffle_seed = 0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 3
+
+    # --- export / eval -----------------------------------------------------------------------
+    c.export = ml_collections.ConfigDict()
+    c.export.step = -1  # -1: latest checkpoint
+    c.export.flax_msgpack = False
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.prompts_path = ""  # "" -> the held-out tail of WORKDIR/prompts; else a benchmark file
+    c.eval.prompts_format = ""
+    c.eval.num_prompts = 64
+    c.eval.seed = 200  # the paper's figure seed
+    c.eval.grid_prompts = 8
+    return c
