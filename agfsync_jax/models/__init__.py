@@ -1,0 +1,1 @@
+"""Stable Diffusion components as Flax modules + parameter trees (diffusers/transformers ports)."""
