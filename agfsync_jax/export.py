@@ -1,0 +1,131 @@
+"""Export a finetuned Flax UNet as a diffusers PyTorch pipeline folder.
+
+The output folder is the base model's folder with the UNet replaced: every other component is
+copied over unchanged, the UNet is written as safetensors, and `model_index.json` names PyTorch
+classes, so `StableDiffusionPipeline.from_pretrained` (or the SDXL pipeline) loads it.
+
+Why not diffusers' `load_flax_weights_in_pytorch_model`: it maps Flax names back by replacing
+"_1" with ".1" everywhere outside `time_embedding`, which turns SDXL's
+`add_embedding.linear_1` into `add_embedding.linear.1`; it then only *warns* that those weights
+are unused and leaves them randomly initialised. We instead invert the forward PyTorch->Flax
+rules (the ones loading uses) key by key, and any parameter not matched exactly once is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from agfsync_jax.models.weight_conversion import ParameterMismatchError
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def flax_unet_to_pytorch_state_dict(flax_params: Any, pt_shapes: Mapping[str, tuple[int, ...]],
+                                    where: str = "unet") -> dict[str, np.ndarray]:
+    """Flax UNet params -> {PyTorch key: float32 array}, exactly one Flax leaf per PyTorch key."""
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+
+    flat = {k: np.asarray(v) for k, v in flatten_dict(flax_params).items()}
+    state: dict[str, np.ndarray] = {}
+    used: set[tuple] = set()
+    problems: list[str] = []
+    for pt_key, shape in pt_shapes.items():
+        # A zero-stride stand-in: the renaming rules only look at shape/ndim and transpose views.
+        stub = np.broadcast_to(np.float32(0), shape)
+        flax_key, converted = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), stub, flat)
+        if flax_key not in flat:
+            problems.append(f"{pt_key}: no Flax parameter {'/'.join(flax_key)}")
+            continue
+        leaf = flat[flax_key]
+        if leaf.shape != converted.shape:
+            problems.append(f"{pt_key}: Flax {'/'.join(flax_key)} has shape {leaf.shape}, expected {converted.shape}")
+            continue
+        if flax_key[-1] == "kernel" and len(shape) == 4:
+            tensor = leaf.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif flax_key[-1] == "kernel":
+            tensor = leaf.T
+        else:
+            tensor = leaf
+        if flax_key in used:
+            problems.append(f"{pt_key}: Flax parameter {'/'.join(flax_key)} used twice")
+        used.add(flax_key)
+        state[pt_key] = np.ascontiguousarray(tensor, dtype=np.float32)
+    unused = sorted("/".join(k) for k in set(flat) - used)
+    if unused:
+        problems.append(f"Flax parameters with no PyTorch counterpart: {unused[:8]}"
+                        + (f" ... ({len(unused)} in all)" if len(unused) > 8 else ""))
+    if problems:
+        raise ParameterMismatchError(f"{where}: cannot export; " + "; ".join(problems[:12]))
+    return state
+
+
+def _pytorch_class_names(index: dict[str, Any]) -> dict[str, Any]:
+    """model_index.json with any Flax class names replaced by their PyTorch counterparts."""
+    out = {}
+    for key, value in index.items():
+        if key == "_class_name" and isinstance(value, str):
+            value = value.removeprefix("Flax")
+        elif isinstance(value, list) and len(value) == 2 and isinstance(value[1], str):
+            value = [value[0], value[1].removeprefix("Flax")]
+        out[key] = value
+    return out
+
+
+def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Path) -> Path:
+    """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    base_folder, out_dir = Path(base_folder), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; remove it or export elsewhere")
+    unet_config = UNet2DConditionModel.load_config(base_folder / "unet")
+    with torch.device("meta"):
+        # Only the key set and shapes are needed: no memory for a full-size UNet.
+        pt_shapes = {k: tuple(v.shape) for k, v in UNet2DConditionModel.from_config(unet_config).state_dict().items()}
+    state = flax_unet_to_pytorch_state_dict(unet_params, pt_shapes, where=f"{base_folder}: unet")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        for child in base_folder.iterdir():
+            if child.name == "unet" or child.name.startswith("."):
+                continue
+            if child.is_dir():
+                shutil.copytree(child, tmp / child.name)
+            elif child.name != "model_index.json":
+                shutil.copy2(child, tmp / child.name)
+        index = json.loads((base_folder / "model_index.json").read_text())
+        (tmp / "model_index.json").write_text(json.dumps(_pytorch_class_names(index), indent=2) + "\n")
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "config.json").write_text(
+            json.dumps({**dict(unet_config), "_class_name": "UNet2DConditionModel"}, indent=2) + "\n")
+        save_file({k: torch.from_numpy(v) for k, v in state.items()}, str(tmp / "unet" / UNET_WEIGHTS),
+                  metadata={"format": "pt"})
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_flax_msgpack(base_folder: str | Path, unet_params: Any, out_dir: str | Path) -> Path:
+    """The UNet alone in diffusers' Flax format (`FlaxUNet2DConditionModel.from_pretrained`)."""
+    from flax.serialization import to_bytes
+
+    from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json
+
+    out_dir = Path(out_dir)
+    config = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
+    atomic_write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
+    atomic_write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
+    return out_dir
