@@ -250,6 +250,9 @@ class ScoreRow:
 
     `scores` maps scorer name (vqa, clip, aesthetic, and any extra scorer) to its value;
     `scorers` maps the same names to a version/mode string (e.g. "blip2:likelihood").
+    `vqa_answers` holds the VQA scorer's per-question result in [0, 1] (P(yes), or 1/0 in
+    generate mode), aligned with the prompt record's questions; evaluation groups them by
+    element type (TIFA-style accuracy).
     """
 
     prompt_id: str
@@ -258,6 +261,7 @@ class ScoreRow:
     total: float
     scorers: dict[str, str]
     instruction: int = 0
+    vqa_answers: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], what: str = "score row") -> "ScoreRow":
@@ -271,10 +275,13 @@ class ScoreRow:
                    scores={k: float(v) for k, v in scores.items()},
                    total=_finite(_require(d, "total", (int, float), what), "total", what),
                    scorers=_require(d, "scorers", dict, what),
-                   instruction=_optional(d, "instruction", int, 0, what))
+                   instruction=_optional(d, "instruction", int, 0, what),
+                   vqa_answers=tuple(float(v) for v in _optional(d, "vqa_answers", list, [], what)))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["vqa_answers"] = list(self.vqa_answers)
+        return d
 
 
 # The preference dataset's TFRecord features, by name -> (kind, dtype). Writer (data_prep) and

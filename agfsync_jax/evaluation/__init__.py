@@ -1,0 +1,1 @@
+"""Evaluation: base vs finetuned on a prompt set, scored by the scoring stage's scorers."""

@@ -1,0 +1,153 @@
+"""metrics.json, report.md, side-by-side image grids and the win-rate bar plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from agfsync_jax.evaluation import statistics
+from agfsync_jax.schemas import ScoreRow
+
+GRID_CELL = 192  # pixels per image in the grids: tiny models' 32 px images are upscaled
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    """One prompt evaluated with the same seed on both models."""
+
+    prompt_id: str
+    category: str
+    prompt: str
+    element_types: tuple[str, ...]
+    base: ScoreRow
+    finetuned: ScoreRow
+    base_image: Path
+    finetuned_image: Path
+
+
+def compute_metrics(items: Sequence[EvalItem], seed: int = 0) -> dict[str, Any]:
+    if not items:
+        raise ValueError("no evaluation items")
+    names = sorted(set(items[0].base.scores) | {"total"})
+
+    def column(model: str, name: str) -> list[float]:
+        rows = [getattr(it, model) for it in items]
+        return [r.total if name == "total" else r.scores[name] for r in rows]
+
+    base = {n: column("base", n) for n in names}
+    fine = {n: column("finetuned", n) for n in names}
+    metrics: dict[str, Any] = {
+        "num_prompts": len(items),
+        "scores": {model: {n: statistics.mean_ci(vals[n], seed=seed) for n in names}
+                   for model, vals in (("base", base), ("finetuned", fine))},
+        "win_rates": statistics.win_rates_by_category([it.category for it in items], fine, base),
+    }
+    if all(it.base.vqa_answers and it.finetuned.vqa_answers for it in items):
+        metrics["vqa_accuracy_by_element_type"] = {
+            model: statistics.accuracy_by_element_type(
+                [it.element_types for it in items], [getattr(it, model).vqa_answers for it in items])
+            for model in ("base", "finetuned")}
+    return metrics
+
+
+def _caption_font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def side_by_side_grid(items: Sequence[EvalItem], cell: int = GRID_CELL) -> Image.Image:
+    """Rows of (base | finetuned) with the prompt and both totals as caption."""
+    pad, caption_h, header_h = 8, 44, 28
+    width = 2 * cell + 3 * pad
+    height = header_h + len(items) * (cell + caption_h + pad) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    font = _caption_font(13)
+    draw.text((pad, 6), "base", fill="black", font=_caption_font(16))
+    draw.text((2 * pad + cell, 6), "finetuned", fill="black", font=_caption_font(16))
+    y = header_h
+    for it in items:
+        for col, path in enumerate((it.base_image, it.finetuned_image)):
+            img = Image.open(path).convert("RGB").resize((cell, cell), Image.NEAREST)
+            grid.paste(img, (pad + col * (cell + pad), y))
+        text = it.prompt if len(it.prompt) <= 60 else it.prompt[:57] + "..."
+        draw.text((pad, y + cell + 4), text, fill="black", font=font)
+        draw.text((pad, y + cell + 22),
+                  f"total {it.base.total:.2f}  |  {it.finetuned.total:.2f}", fill="dimgray", font=font)
+        y += cell + caption_h + pad
+    return grid
+
+
+def win_rate_plot(win_rates: dict[str, dict[str, float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(win_rates)
+    names = list(next(iter(win_rates.values())))
+    x = np.arange(len(categories))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(categories) + 2), 4))
+    for i, name in enumerate(names):
+        ax.bar(x + i * width, [win_rates[c][name] for c in categories], width, label=name)
+    ax.axhline(0.5, color="black", lw=1, ls="--")
+    ax.set_xticks(x + width * (len(names) - 1) / 2, categories, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate, finetuned over base")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str, title: str) -> str:
+    lines = [f"# {title}", "", f"{metrics['num_prompts']} prompts, same seed for base and finetuned.", ""]
+    lines += ["## Mean scores (95% bootstrap CI)", "", "| score | base | finetuned |", "|---|---|---|"]
+    for name, base in metrics["scores"]["base"].items():
+        fine = metrics["scores"]["finetuned"][name]
+        lines.append(f"| {name} | {base['mean']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}] | "
+                     f"{fine['mean']:.3f} [{fine['ci_low']:.3f}, {fine['ci_high']:.3f}] |")
+    rates = metrics["win_rates"]
+    names = list(next(iter(rates.values())))
+    lines += ["", "## Win rates of finetuned over base (ties count 1/2)", "",
+              "| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for cat, row in rates.items():
+        label = f"**{cat}**" if cat == "all" else cat
+        lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+    lines += ["", f"![win rates]({plot_file})", ""]
+    if "vqa_accuracy_by_element_type" in metrics:
+        acc = metrics["vqa_accuracy_by_element_type"]
+        lines += ["## VQA accuracy by element type (TIFA-style)", "",
+                  "| element type | questions | base | finetuned |", "|---|---|---|---|"]
+        for t, b in acc["base"].items():
+            lines.append(f"| {t} | {b['questions']} | {b['accuracy']:.3f} | {acc['finetuned'][t]['accuracy']:.3f} |")
+        lines.append("")
+    lines += ["## Side by side (base | finetuned)", ""] + [f"![grid]({g})" for g in grid_files] + [""]
+    return "\n".join(lines)
+
+
+def write_report(items: Sequence[EvalItem], out_dir: str | Path, grid_prompts: int = 8, seed: int = 0,
+                 title: str = "agfsync-jax evaluation") -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    metrics = compute_metrics(items, seed=seed)
+    grid_files = []
+    for start in range(0, min(grid_prompts, len(items)), 4):
+        name = f"grid_{start // 4:02d}.png"
+        buf = io.BytesIO()
+        side_by_side_grid(items[start:min(start + 4, grid_prompts)]).save(buf, format="PNG")
+        atomic_write_bytes(out_dir / name, buf.getvalue())
+        grid_files.append(name)
+    atomic_write_bytes(out_dir / "win_rates.png", win_rate_plot(metrics["win_rates"]))
+    metrics["files"] = {"grids": grid_files, "win_rate_plot": "win_rates.png", "report": "report.md"}
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_text(out_dir / "report.md", _markdown(metrics, grid_files, "win_rates.png", title))
+    return metrics
