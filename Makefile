@@ -20,7 +20,7 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/agfsync-jax demo --config=configs/tiny.py --workdir=$(WORKDIR)
+	$(BIN)/agfsync-jax pipeline --config=configs/tiny.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 # stage name -> ("module", "function", one-line help). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
     "tiny-model": ("agfsync_jax.models.tiny", "run", "build the tiny random base model"),
+    "pipeline": ("agfsync_jax.pipeline", "run", "every stage in order, skipping finished ones"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

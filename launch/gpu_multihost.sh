@@ -17,6 +17,6 @@ fi
 export JAX_COORDINATOR_ADDRESS="$COORDINATOR_ADDRESS"
 export JAX_NUM_PROCESSES="${NUM_PROCESSES:-${SLURM_NTASKS:?set NUM_PROCESSES}}"
 export JAX_PROCESS_ID="${PROCESS_ID:-${SLURM_PROCID:?set PROCESS_ID}}"
-# JAX preallocates GPU memory; leave room for the TF input pipeline's host buffers.
+# JAX preallocates this fraction of GPU memory; the rest is headroom for cuDNN and NCCL buffers.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 exec "$@"
