@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.16",
     "tensorflow-datasets>=4.9.6",
     "ml-collections>=1.0",
+    "scipy>=1.10",
     "numpy>=1.26",
     "safetensors>=0.4",
     "absl-py>=2.0",

@@ -17,6 +17,10 @@ from ml_collections import config_flags
 # stage name -> ("module", "function", one-line help). Only stages that exist are listed.
 STAGES: dict[str, tuple[str, str, str]] = {
     "tiny-model": ("agfsync_jax.models.tiny", "run", "build the tiny random base model"),
+    "prompts": ("data_prep.prompts.stage", "run",
+                "write prompts, yes-questions and instruction pairs (prompts/prompts.jsonl)"),
+    "score": ("data_prep.scoring.stage", "run",
+              "score candidates (VQA, CLIP, aesthetic) and write the pair dataset (scores/, pairs/)"),
     "pipeline": ("agfsync_jax.pipeline", "run", "every stage in order, skipping finished ones"),
 }
 

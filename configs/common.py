@@ -37,22 +37,34 @@ def base_config() -> ml_collections.ConfigDict:
     # --- prompts (data_prep.prompts) ---------------------------------------------------------
     c.prompts = ml_collections.ConfigDict()
     c.prompts.source = "offline"  # "offline" | "llm" | "benchmark"
-    c.prompts.per_category = 100
-    c.prompts.min_questions = 5
+    c.prompts.per_category = 100  # prompts per category (offline and llm sources)
+    c.prompts.min_questions = 5  # prompts left with fewer questions are dropped (counted)
+    c.prompts.max_questions = 12  # upper end of the range the LLM is asked for
+    # Drop questions whose `element` does not occur in the prompt (up to inflection).
+    c.prompts.require_grounded_elements = True
+    c.prompts.question_dedup_threshold = 0.9  # lexical similarity of two questions of a prompt
     c.prompts.instruction_pairs = 0  # InstructEngine pairs to add
+    c.prompts.instruction_source = ""  # "" (same as source) | "offline" | "llm"
     c.prompts.benchmark = ml_collections.ConfigDict()
     c.prompts.benchmark.format = ""  # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text
     c.prompts.benchmark.path = ""
+    c.prompts.benchmark.questions = "file"  # "file": as in the file (maybe none) | "llm": generate
     c.prompts.llm = ml_collections.ConfigDict()
     c.prompts.llm.backend = "openai"  # "openai" | "local"
     c.prompts.llm.base_url = "http://127.0.0.1:8000/v1"
     c.prompts.llm.model = ""
-    c.prompts.llm.api_key_env = "OPENAI_API_KEY"
+    c.prompts.llm.api_key_env = "OPENAI_API_KEY"  # "" for servers that need no key
     c.prompts.llm.local_path = ""
     c.prompts.llm.max_concurrency = 8
     c.prompts.llm.timeout_s = 60.0
     c.prompts.llm.max_retries = 5
-    c.prompts.llm.temperature = 0.9
+    c.prompts.llm.backoff_initial_s = 1.0
+    c.prompts.llm.backoff_max_s = 60.0
+    c.prompts.llm.temperature = 0.9  # prompt and instruction writing
+    c.prompts.llm.question_temperature = 0.2
+    c.prompts.llm.max_tokens = 2048
+    c.prompts.llm.prompts_per_request = 10
+    c.prompts.llm.cache_dir = ""  # "" -> WORKDIR/prompts/llm_cache
     c.prompts.embedding_model_path = ""  # near-duplicate removal by embedding cosine when set
     c.prompts.dedup_threshold = 0.9
 
@@ -69,20 +81,30 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- scoring and pairs (data_prep.scoring, PyTorch) --------------------------------------
     c.scoring = ml_collections.ConfigDict()
-    c.scoring.weights_preset = "paper"  # "paper" (0.35/0.55/0.10) | "released_code" (0/0.85/0.15)
-    c.scoring.vqa_path = ""
-    c.scoring.vqa_mode = "likelihood"  # "likelihood" | "generate"
-    c.scoring.clip_path = ""
+    # "paper" (0.35 VQA/0.55 CLIP/0.10 aesthetic) | "released_code" (0.85 CLIP/0.15 aesthetic)
+    # | "custom" (then `weights`, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,pickscore=0.1")
+    c.scoring.weights_preset = "paper"
+    c.scoring.weights = ""
+    c.scoring.vqa_path = ""  # BLIP-2 folder (paper: blip2-flan-t5-xxl)
+    c.scoring.vqa_mode = "likelihood"  # "likelihood" (P(yes) vs P(no)) | "generate" (paper's accuracy)
+    c.scoring.vqa_prompt = "Question: {question} Answer:"
+    c.scoring.vqa_max_new_tokens = 8  # generate mode
+    c.scoring.clip_path = ""  # CLIP folder (paper: clip-vit-base-patch16)
     c.scoring.aesthetic_clip_path = ""  # CLIP ViT-L/14 folder for the aesthetic head
-    c.scoring.aesthetic_head_path = ""
+    c.scoring.aesthetic_head_path = ""  # LAION aesthetic head weights (.pth or .safetensors)
     c.scoring.extra = ""  # comma-separated extra scorers, e.g. "pickscore"
+    c.scoring.pickscore_path = ""  # PickScore_v1 folder (a CLIP model)
+    c.scoring.pickscore_processor_path = ""  # its processor folder; "" -> pickscore_path
+    c.scoring.device = "auto"  # "auto" (cuda + fp16 when present) | "cpu" | "cuda"
     c.scoring.batch_size = 16
-    c.scoring.min_margin = 0.0
+    c.scoring.min_margin = 0.0  # prompts whose best and worst totals differ by less give no pair
     c.scoring.store_png = True
 
     # --- Diffusion-DPO training (agfsync_jax.training) ---------------------------------------
     c.train = ml_collections.ConfigDict()
-    c.train.loss = "dpo"  # dpo | cross_dpo | released_code_dpo | sft
+    # dpo | cross_dpo (InstructEngine; every pair must be a cross pair) | sft (winners only) |
+    # released_code_dpo (the authors' code: batch L2 norm, independent noise; they use beta=1).
+    c.train.loss = "dpo"
     c.train.beta = 5000.0
     c.train.learning_rate = 5e-7
     c.train.warmup_steps = 0
@@ -91,12 +113,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
     c.train.weight_decay = 1e-2
     c.train.grad_clip_norm = 1.0
-    c.train.remat = False
+    c.train.remat = False  # recompute UNet activations in the backward pass (less memory)
+    c.train.remat_policy = "dots_with_no_batch_dims_saveable"  # a jax.checkpoint_policies name
     c.train.prompt_dropout = 0.0
     c.train.nonfinite = "skip"  # "skip" (count, keep params) | "stop"
-    c.train.text_encoding = "in_step"  # "in_step" | "cached"
+    # "in_step": the step runs the frozen text encoders on token ids; "cached": each prompt is
+    # encoded once outside the step and kept on the host (no encoder in the step).
+    c.train.text_encoding = "in_step"
     c.train.shuffle_seed = 0
     c.train.log_every = 10
     c.train.checkpoint_every = 100

@@ -7,10 +7,11 @@
 # Set-up once per pod (same command on all workers):
 #   launch/tpu_pod.sh bash -c 'git clone <your fork> agfsync-jax && cd agfsync-jax && \
 #       python3 -m venv .venv && .venv/bin/pip install "jax[tpu]" -e .'
-# On TPU, jax.distributed.initialize() finds the coordinator and process ids by itself.
+# On TPU, JAX_DISTRIBUTED_AUTO=1 lets jax.distributed.initialize() find the coordinator and
+# process ids by itself (agfsync_jax/training/distributed.py).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REPO_DIR=${REPO_DIR:-agfsync-jax}
 printf -v cmd '%q ' "$@"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} --worker=all \
-  --command="cd $REPO_DIR && PATH=\$PWD/.venv/bin:\$PATH $cmd"
+  --command="cd $REPO_DIR && JAX_DISTRIBUTED_AUTO=1 PATH=\$PWD/.venv/bin:\$PATH $cmd"

@@ -52,7 +52,7 @@ class CallStats:
         self._lock = threading.Lock()
         self.calls = 0          # complete() invocations
         self.cached = 0         # answered from the on-disk cache, no request issued
-        self.requests = 0       # requests actually issued (HTTP attempts incl. retries, or generate())
+        self.requests = 0       # requests issued: HTTP attempts incl. retries, or generate()
         self.retries = 0
         self.succeeded = 0
         self.failures: collections.Counter[str] = collections.Counter()
@@ -73,7 +73,8 @@ class CallStats:
         with self._lock:
             return {"calls": self.calls, "cached": self.cached, "requests": self.requests,
                     "retries": self.retries, "succeeded": self.succeeded,
-                    "failed": sum(self.failures.values()), "failures": dict(sorted(self.failures.items()))}
+                    "failed": sum(self.failures.values()),
+                    "failures": dict(sorted(self.failures.items()))}
 
 
 class ChatBackend(Protocol):
@@ -85,8 +86,11 @@ class ChatBackend(Protocol):
     def complete_many(self, requests: Sequence[ChatRequest], desc: str = "") -> list[str | None]:
         """Replies in request order; None where the call failed (reason counted in stats)."""
 
+    def close(self) -> None:
+        """Releases connections or memory; the backend is not used afterwards."""
 
-def build_backend(llm: ml_collections.ConfigDict, cache_dir: str) -> ChatBackend:
+
+def build_backend(llm: ml_collections.ConfigDict, cache_dir: str, seed: int = 0) -> ChatBackend:
     """The backend named by `config.prompts.llm.backend`, sharing one response cache."""
     cache = ResponseCache(cache_dir)
     if llm.backend == "openai":
@@ -99,5 +103,5 @@ def build_backend(llm: ml_collections.ConfigDict, cache_dir: str) -> ChatBackend
     if llm.backend == "local":
         # Imported here: it pulls in PyTorch, which the HTTP backend never needs.
         from data_prep.prompts.local_llm import LocalChatLM
-        return LocalChatLM(path=llm.local_path, cache=cache, seed=llm.seed)
+        return LocalChatLM(path=llm.local_path, cache=cache, seed=seed)
     raise ValueError(f"config.prompts.llm.backend is {llm.backend!r}, expected 'openai' or 'local'")

@@ -45,11 +45,13 @@ class _Backoff(tenacity.wait.wait_base):
     """Exponential backoff with jitter, or the server's Retry-After when it asks for longer."""
 
     def __init__(self, initial_s: float, max_s: float):
-        self._exponential = tenacity.wait_exponential_jitter(initial=initial_s, max=max_s)
+        # Jitter keeps many workers that were rate-limited together from retrying in step.
+        self._exponential = (tenacity.wait_exponential(multiplier=initial_s, max=max_s)
+                             + tenacity.wait_random(0, initial_s))
         self._max_s = max_s
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        wait = self._exponential(retry_state)
+        wait = min(self._exponential(retry_state), self._max_s)
         error = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(error, _RetryableError) and error.retry_after_s is not None:
             wait = max(wait, min(error.retry_after_s, self._max_s))
@@ -65,7 +67,7 @@ class OpenAIChatClient:
                  timeout_s: float = 60.0, max_retries: int = 5, max_concurrency: int = 8,
                  backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0):
         if not model:
-            raise ValueError("config.prompts.llm.model is empty: name the model the endpoint serves")
+            raise ValueError("config.prompts.llm.model is empty: name the served model")
         if max_concurrency < 1 or max_retries < 0:
             raise ValueError(f"need max_concurrency >= 1 and max_retries >= 0, got "
                              f"{max_concurrency} and {max_retries}")
@@ -119,7 +121,7 @@ class OpenAIChatClient:
             try:
                 response = self._http.post("chat/completions", json=body)
             except httpx.TimeoutException as e:
-                raise _RetryableError("timeout", f"no reply within the timeout ({type(e).__name__})") from e
+                raise _RetryableError("timeout", f"no reply in time ({type(e).__name__})") from e
             except httpx.TransportError as e:
                 raise _RetryableError("transport", type(e).__name__) from e
         code = response.status_code
@@ -127,7 +129,8 @@ class OpenAIChatClient:
             raise _RetryableError(f"http_{code}", f"{self.base_url} answered {code}",
                                   _retry_after(response))
         if code >= 400:
-            raise LLMError(f"http_{code}", f"{self.base_url} answered {code}: {response.text[:200]}")
+            raise LLMError(f"http_{code}",
+                           f"{self.base_url} answered {code}: {response.text[:200]}")
         try:
             payload = response.json()
             content = payload["choices"][0]["message"]["content"]
