@@ -1,0 +1,241 @@
+"""Tiny, randomly initialised scorer models of the real classes, saved as real folders/files.
+
+No machine we test on can download weights, so tests (and the tiny demo) build these in code:
+a CLIP model + processor, BLIP-2 with an OPT or a Flan-T5 language model + processor (tokenizers
+trained in code on a small corpus), and a LAION-layout aesthetic head. They are loaded back by the
+scorers exactly as a user's downloaded folders are.
+
+    python -m data_prep.scoring.tiny --out=/tmp/tiny-scorers
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+IMAGE_SIZE = 24  # smaller than the tiny SD images (32 px), so the processors really resize
+PATCH_SIZE = 8
+EMBED_DIM = 32
+NUM_QUERY_TOKENS = 4
+LANGUAGE_MODELS = ("opt", "t5")
+# Scoring config fields that scoring.tiny fills in.
+TINY_FIELDS = ("clip_path", "aesthetic_clip_path", "aesthetic_head_path", "vqa_path", "pickscore_path")
+_TINY_DIR = "tiny_models"
+
+_SUBJECTS = ("cat", "dog", "bird", "car", "tree", "house", "flower", "person", "boat", "cup", "chair", "horse")
+_ATTRIBUTES = ("red", "blue", "green", "small", "large", "wooden", "old", "bright", "two", "three")
+_PLACES = ("in the image", "on the table", "in the sky", "near the river", "in the photo", "on the street")
+
+
+def _corpus() -> list[str]:
+    """Question/answer lines in the VQA prompt format, so yes/no become single tokens."""
+    lines = []
+    for i, subject in enumerate(_SUBJECTS):
+        for j, attr in enumerate(_ATTRIBUTES):
+            place = _PLACES[(i + j) % len(_PLACES)]
+            answer = ("yes", "no", "Yes", "No")[(i + j) % 4]
+            lines.append(f"Question: is there a {attr} {subject} {place}? Answer: {answer}")
+            lines.append(f"Question: is the {subject} {attr}? Answer: {answer}.")
+    return lines
+
+
+def _atomic_dir(out: Path, build: Callable[[Path], None]) -> Path:
+    """Runs build(tmp) and renames tmp to `out`: the folder appears whole or not at all."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        build(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
+    """A tiny CLIPModel + CLIPProcessor folder (the CLIP score, aesthetic and PickScore path)."""
+    import math
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from agfsync_jax.models.tiny import write_tokenizer_files
+
+    def build(tmp: Path) -> None:
+        tok_dir = tmp / "_tokenizer_src"
+        vocab_size = write_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizer(vocab_file=str(tok_dir / "vocab.json"), merges_file=str(tok_dir / "merges.txt"),
+                                  pad_token="<|endoftext|>", model_max_length=77)
+        shutil.rmtree(tok_dir)
+        text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                    eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_act="quick_gelu")
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_act="quick_gelu")
+        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=EMBED_DIM,
+                            logit_scale_init_value=math.log(100.0) if logit_scale is None else math.log(logit_scale))
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(tmp)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+
+    return _atomic_dir(Path(out), build)
+
+
+def _opt_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    # OPT prepends </s> as its BOS.
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                             unk_token="<unk>")
+
+
+def _t5_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path:
+    """A tiny Blip2ForConditionalGeneration + Blip2Processor folder with an OPT or T5 LM."""
+    import torch
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              OPTConfig, T5Config)
+
+    if language_model not in LANGUAGE_MODELS:
+        raise ValueError(f"language_model is {language_model!r}; expected one of {LANGUAGE_MODELS}")
+
+    def build(tmp: Path) -> None:
+        tokenizer = _opt_tokenizer() if language_model == "opt" else _t5_tokenizer()
+        for word in ("yes", "no"):
+            if len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) != 1:
+                raise AssertionError(f"tiny {language_model} tokenizer splits {word!r}")
+        image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        # The processor adds the <image> token to the tokenizer; the LM vocabulary must cover it.
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                   num_query_tokens=NUM_QUERY_TOKENS)
+        image_token = tokenizer.convert_tokens_to_ids("<image>")
+        vocab = len(tokenizer)
+        if language_model == "opt":
+            text = OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                             max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1,
+                             eos_token_id=1)
+        else:
+            text = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        config = Blip2Config(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE),
+            qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                encoder_hidden_size=32, vocab_size=64),
+            text_config=text.to_dict(), num_query_tokens=NUM_QUERY_TOKENS, image_token_index=image_token)
+        torch.manual_seed(seed)
+        Blip2ForConditionalGeneration(config).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return _atomic_dir(Path(out), build)
+
+
+def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: int = 0) -> Path:
+    """A .pth state dict in the LAION aesthetic predictor's layout (layers.0/2/4/6/7), tiny widths."""
+    import torch
+    from torch import nn
+
+    from agfsync_jax.atomic_io import atomic_write_bytes
+
+    torch.manual_seed(seed)
+    layers = nn.Sequential(nn.Linear(embed_dim, 16), nn.Dropout(0.2), nn.Linear(16, 8), nn.Dropout(0.2),
+                           nn.Linear(8, 8), nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1))
+    state = {f"layers.{k}": v for k, v in layers.state_dict().items()}
+    out = Path(out)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path]:
+    return {
+        "clip_path": out_dir / "clip",
+        "aesthetic_clip_path": out_dir / "aesthetic_clip",
+        "aesthetic_head_path": out_dir / "aesthetic_head.pth",
+        "vqa_path": out_dir / f"blip2_{language_model}",
+        "pickscore_path": out_dir / "pickscore",
+    }
+
+
+def save_tiny_scorers(out_dir: str | Path, seed: int = 0, language_model: str = "t5") -> dict[str, Path]:
+    """Every tiny scorer model under `out_dir`; returns the scoring config field -> path."""
+    paths = _tiny_layout(Path(out_dir), language_model)
+    save_tiny_clip(paths["clip_path"], seed=seed)
+    save_tiny_clip(paths["aesthetic_clip_path"], seed=seed + 1)
+    save_tiny_aesthetic_head(paths["aesthetic_head_path"], seed=seed + 2)
+    save_tiny_blip2(paths["vqa_path"], language_model, seed=seed + 3)
+    # Real PickScore learned a logit scale near 100; 50 lets a test tell it from CLIP's fixed 100.
+    save_tiny_clip(paths["pickscore_path"], seed=seed + 4, logit_scale=50.0)
+    return paths
+
+
+def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> Any:
+    """A copy of the scoring config; with scoring.tiny set, its model paths point at tiny random
+    scorers built (once, deterministically) under WORKDIR/scores/tiny_models."""
+    from agfsync_jax import workdir as workdir_lib
+
+    resolved = scoring.copy_and_resolve_references()
+    if not scoring.tiny:
+        return resolved
+    already = [f for f in TINY_FIELDS if getattr(scoring, f)]
+    if already:
+        raise ValueError(f"set either scoring.tiny or the scorer paths, not both (set: {already})")
+    root = Path(workdir) / workdir_lib.SCORES / _TINY_DIR
+    if not root.is_dir():
+        def build(tmp: Path) -> None:
+            save_tiny_scorers(tmp, seed=seed)
+
+        _atomic_dir(root, build)
+    for field, path in _tiny_layout(root).items():
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing from the tiny scorer models; delete {root} to rebuild")
+        setattr(resolved, field, str(path))
+    return resolved
+
+
+def _main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--language_model", choices=LANGUAGE_MODELS, default="t5")
+    args = parser.parse_args()
+    for field, path in save_tiny_scorers(args.out, args.seed, args.language_model).items():
+        print(f"--config.scoring.{field}={path}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,171 @@
+"""The training input pipeline over a pair dataset written by the scoring stage's writer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agfsync_jax.schemas import PAIR_AGFSYNC, PAIR_CROSS, PromptRecord, ScoreRow
+
+SHARD_SIZES = (5, 0, 7)  # an empty shard on purpose: a stage shard may yield no pair
+NUM_PAIRS = sum(SHARD_SIZES)
+LATENT_SHAPE = (4, 8, 8)
+
+
+def _pair(i: int):
+    from data_prep.scoring.pairs import Pair
+
+    cross = i % 4 == 3
+    record = PromptRecord(id=f"p{i:02d}", category="animals", prompt=f"prompt {i}", source="test",
+                          kind="instruction_pair" if cross else "prompt", prompt_2=f"other {i}" if cross else "",
+                          divergence="aesthetic" if cross else "")
+    row = lambda c, total, ins: ScoreRow(prompt_id=record.id, candidate=c, scores={"clip": total}, total=total,
+                                         scorers={"clip": "test"}, instruction=ins)
+    return Pair(PAIR_CROSS if cross else PAIR_AGFSYNC, record, row(1, 30.0 + i, 0), row(2, 10.0 + i, int(cross)))
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    from data_prep.scoring.pair_records import pair_example, shard_filename, tfds_features, write_tfrecord
+    from data_prep.scoring.tfds_metadata import write_tfds_metadata
+
+    out = tmp_path_factory.mktemp("pairs")
+    features = tfds_features()
+    rng = np.random.default_rng(0)
+    latents: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    i = 0
+    for shard, size in enumerate(SHARD_SIZES):
+        serialized = []
+        for _ in range(size):
+            pair = _pair(i)
+            w, l = (rng.standard_normal(LATENT_SHAPE).astype(np.float32) * 3 for _ in range(2))
+            latents[pair.record.id] = (w, l)
+            serialized.append(features.serialize_example(pair_example(pair, w, l)))
+            i += 1
+        write_tfrecord(out / shard_filename(shard, len(SHARD_SIZES)), serialized)
+    assert write_tfds_metadata(out, len(SHARD_SIZES)) == NUM_PAIRS
+    return out, latents
+
+
+def _dataset(path, process_index=0, process_count=1, batch=4, seed=3):
+    from agfsync_jax.pair_dataset import PairDataset
+
+    return PairDataset(path, global_batch_size=batch, seed=seed, process_index=process_index,
+                       process_count=process_count)
+
+
+def test_batches_hold_decoded_latents_and_texts(pair_dir):
+    path, latents = pair_dir
+    ds = _dataset(path)
+    assert ds.num_records == NUM_PAIRS and ds.batches_per_epoch == NUM_PAIRS // 4
+    batch = next(ds)
+    assert batch["winner_latent"].shape == (4, *LATENT_SHAPE) and batch["winner_latent"].dtype == np.float32
+    assert batch["prompt"].dtype == object and isinstance(batch["prompt"][0], str)
+    for k, pid in enumerate(batch["prompt_id"]):
+        w, l = latents[pid]
+        # float16 on disk, so exactly the float16 rounding of what was written, bit for bit.
+        assert batch["winner_latent"][k].tobytes() == w.astype(np.float16).astype(np.float32).tobytes()
+        assert batch["loser_latent"][k].tobytes() == l.astype(np.float16).astype(np.float32).tobytes()
+        i = int(pid[1:])
+        assert batch["prompt"][k] == f"prompt {i}"
+        assert bool(batch["is_cross"][k]) == (i % 4 == 3)
+        assert batch["prompt_2"][k] == (f"other {i}" if i % 4 == 3 else "")
+        assert batch["winner_total"][k] == np.float32(30.0 + i)
+
+
+def test_two_processes_read_disjoint_slices_covering_the_dataset(pair_dir):
+    path, latents = pair_dir
+    procs = [_dataset(path, process_index=p, process_count=2, batch=4) for p in range(2)]
+    seen = []
+    for ds in procs:
+        assert ds.batch_size == 2 and ds.batches_per_epoch == 3
+        ids = [pid for _ in range(ds.batches_per_epoch) for pid in next(ds)["prompt_id"]]
+        assert len(ids) == len(set(ids)) == NUM_PAIRS // 2
+        seen.append(set(ids))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(latents)
+    # Process 1's slice (records 6..11) lies entirely in the third file: it never opens the first.
+    assert [p.name for p in procs[1].slice_files] == ["agfsync_pairs-train.tfrecord-00002-of-00003"]
+    assert len(procs[0].slice_files) == 2
+
+
+def test_epochs_reshuffle_deterministically(pair_dir):
+    path, _ = pair_dir
+    a, b, other_seed = _dataset(path), _dataset(path), _dataset(path, seed=4)
+    run_a = [list(next(a)["prompt_id"]) for _ in range(2 * a.batches_per_epoch)]
+    run_b = [list(next(b)["prompt_id"]) for _ in range(2 * b.batches_per_epoch)]
+    assert run_a == run_b
+    epoch0, epoch1 = sum(run_a[:3], []), sum(run_a[3:], [])
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # every pair, in a new order
+    assert sum([list(next(other_seed)["prompt_id"]) for _ in range(3)], []) != epoch0
+
+
+def test_resume_continues_with_the_next_batch(pair_dir):
+    path, _ = pair_dir
+    ds = _dataset(path, process_index=1, process_count=2)
+    for _ in range(4):  # past the end of epoch 0 (3 batches)
+        next(ds)
+    saved = json.loads(json.dumps(ds.state()))
+    assert (saved["epoch"], saved["batch"]) == (1, 1)
+    reference = [next(ds) for _ in range(4)]
+    resumed = _dataset(path, process_index=1, process_count=2)
+    resumed.restore(saved)
+    for want in reference:
+        got = next(resumed)
+        assert list(got["prompt_id"]) == list(want["prompt_id"])
+        assert got["winner_latent"].tobytes() == want["winner_latent"].tobytes()
+    other = _dataset(path, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="process_count=2"):
+        other.restore(saved)
+
+
+def test_truncated_tfrecord_names_the_file(pair_dir, tmp_path):
+    from agfsync_jax.pair_dataset import PairDataError
+
+    path, _ = pair_dir
+    broken = tmp_path / "pairs"
+    shutil.copytree(path, broken)
+    victim = broken / "agfsync_pairs-train.tfrecord-00002-of-00003"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(PairDataError, match=f"{victim}: truncated TFRecord file"):
+        _dataset(broken)
+
+
+def test_corrupted_record_names_the_file(pair_dir, tmp_path):
+    from agfsync_jax.pair_dataset import PairDataError
+
+    path, _ = pair_dir
+    broken = tmp_path / "pairs"
+    shutil.copytree(path, broken)
+    victim = broken / "agfsync_pairs-train.tfrecord-00000-of-00003"
+    data = bytearray(victim.read_bytes())
+    data[200] ^= 0xFF  # inside the first record's payload: only its CRC can tell
+    victim.write_bytes(bytes(data))
+    ds = _dataset(broken)
+    with pytest.raises(PairDataError, match=f"{victim} record 0 .*unreadable"):
+        for _ in range(ds.batches_per_epoch):
+            next(ds)
+
+
+def test_batch_feeds_make_array_from_process_local_data(pair_dir):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    path, _ = pair_dir
+    batch = next(_dataset(path, batch=4))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    arr = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), batch["winner_latent"])
+    assert arr.shape == (4, *LATENT_SHAPE)
+    np.testing.assert_array_equal(np.asarray(arr), batch["winner_latent"])
+
+
+def test_bad_batch_sizes_are_rejected(pair_dir):
+    path, _ = pair_dir
+    with pytest.raises(ValueError, match="multiple of the process count 2"):
+        _dataset(path, process_count=2, batch=3)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        _dataset(path, process_count=2, batch=16)

@@ -1,0 +1,222 @@
+"""The `score` stage end to end on a tiny work directory: scores, pairs, TFDS, resume, shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _q(text: str, element: str) -> dict:
+    return {"question": text, "answer": "yes", "element": element, "element_type": "object"}
+
+
+RECORDS = [
+    {"id": "p0", "category": "animals", "prompt": "a red cat on a table", "source": "test",
+     "questions": [_q("is there a cat?", "cat"), _q("is the cat red?", "red")]},
+    {"id": "p1", "category": "transportation", "prompt": "a blue car near the river", "source": "test",
+     "questions": [_q("is there a car?", "car")]},
+    {"id": "p2", "category": "plants", "prompt": "a tree", "source": "test", "questions": []},
+    {"id": "p3", "category": "animals", "prompt": "two dogs in the park", "source": "test",
+     "questions": [_q("are there dogs?", "dogs")]},
+    {"id": "ie0", "category": "plants", "prompt": "a sea of bright flowers", "source": "test",
+     "questions": [_q("are there flowers?", "flowers")], "kind": "instruction_pair",
+     "prompt_2": "a sea of grey lifeless flowers", "questions_2": [_q("are the flowers grey?", "grey")],
+     "divergence": "aesthetic"},
+]
+NUM_CANDIDATES = 3
+
+
+@pytest.fixture(scope="module")
+def candidates_template(make_candidates, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wd_template")
+    make_candidates(root, RECORDS, NUM_CANDIDATES, seed=7)
+    return root
+
+
+@pytest.fixture
+def workdir(candidates_template, tmp_path) -> Path:
+    wd = tmp_path / "wd"
+    shutil.copytree(candidates_template, wd)
+    return wd
+
+
+def _config(models: dict[str, Path], **scoring):
+    from configs.common import base_config
+
+    c = base_config()
+    c.scoring.vqa_path = str(models["blip2_t5"])
+    c.scoring.clip_path = str(models["clip"])
+    c.scoring.aesthetic_clip_path = str(models["aesthetic_clip"])
+    c.scoring.aesthetic_head_path = str(models["aesthetic_head"])
+    c.scoring.pickscore_path = str(models["pickscore"])
+    c.scoring.extra = "pickscore"
+    c.scoring.device = "cpu"
+    c.scoring.batch_size = 4
+    for k, v in scoring.items():
+        setattr(c.scoring, k, v)
+    return c
+
+
+def _load_tfds(pairs_dir: Path) -> list[dict]:
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(pairs_dir))
+    return sorted(tfds.as_numpy(builder.as_dataset(split="train")), key=lambda ex: ex["prompt_id"])
+
+
+def test_stage_scores_pairs_and_tfds_round_trip(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    cand = workdir / "candidates"
+    # Damage three candidates: a missing latent, a truncated PNG, a latent that is not an array.
+    (cand / "latents" / "p0_0_1.npy").unlink()
+    png = cand / "images" / "p1_0_2.png"
+    png.write_bytes(png.read_bytes()[:60])
+    (cand / "latents" / "p1_0_0.npy").write_bytes(b"not a numpy file")
+
+    summary = stage.run(_config(scorer_models), str(workdir))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("score 00000-of-00001:") and "missing_latent=1" in line
+
+    assert summary["bad_candidates"]["missing_latent"] == [str(cand / "latents" / "p0_0_1.npy")]
+    assert summary["bad_candidates"]["corrupt_image"] == [str(png)]
+    assert summary["bad_candidates"]["corrupt_latent"] == [str(cand / "latents" / "p1_0_0.npy")]
+    assert len(summary["bad_candidates"]["no_questions"]) == NUM_CANDIDATES  # p2 has no questions
+    expected_rows = 6 * NUM_CANDIDATES - 3 - 3  # (p0..p3, ie0 x 2 instructions), minus bad, minus p2
+    assert summary["scored"] == expected_rows and summary["already_scored"] == 0
+
+    from agfsync_jax.schemas import ScoreRow, read_jsonl
+    rows = list(read_jsonl(workdir / "scores" / "scores-00000-of-00001.jsonl", ScoreRow.from_dict))
+    assert len(rows) == expected_rows
+    for r in rows:
+        assert set(r.scores) == {"vqa", "clip", "aesthetic", "pickscore"}
+        assert r.scorers["vqa"].endswith(":likelihood")
+        assert 0.0 <= r.scores["vqa"] <= 100.0
+        expected_total = 0.35 * r.scores["vqa"] + 0.55 * r.scores["clip"] + 0.10 * r.scores["aesthetic"]
+        assert r.total == pytest.approx(expected_total)  # pickscore recorded, not weighted
+
+    # p0 and p3 give AGFSync pairs, ie0 a cross pair; p1 kept one candidate, p2 none.
+    assert summary["pairs_by_kind"] == {"agfsync": 2, "cross": 1}
+    assert summary["prompts_without_pair"] == {"too_few_candidates": ["p1", "p2"]}
+    assert (workdir / "pairs" / "_DONE.json").is_file()
+
+    examples = _load_tfds(workdir / "pairs")
+    assert [ex["prompt_id"] for ex in examples] == [b"ie0", b"p0", b"p3"]
+    by_key = {(r.prompt_id, r.instruction, r.candidate): r for r in rows}
+    for ex in examples:
+        pid = ex["prompt_id"].decode()
+        scores = json.loads(ex["scores_json"])
+        cross = ex["pair_kind"] == b"cross"
+        w_key = (pid, scores["winner"]["instruction"], int(ex["winner_candidate"]))
+        l_key = (pid, scores["loser"]["instruction"], int(ex["loser_candidate"]))
+        assert scores["winner"] == by_key[w_key].to_dict() and scores["loser"] == by_key[l_key].to_dict()
+        assert ex["winner_total"] == np.float32(by_key[w_key].total)
+        if cross:
+            assert (w_key[1], l_key[1]) == (0, 1)
+            assert ex["prompt"] == b"a sea of bright flowers" and ex["prompt_2"] == b"a sea of grey lifeless flowers"
+            assert by_key[w_key].total == max(r.total for k, r in by_key.items() if k[:2] == (pid, 0))
+            assert by_key[l_key].total == max(r.total for k, r in by_key.items() if k[:2] == (pid, 1))
+        else:
+            totals = [r.total for k, r in by_key.items() if k[0] == pid]
+            assert by_key[w_key].total == max(totals) and by_key[l_key].total == min(totals)
+            assert ex["prompt_2"] == b""
+        for side, key in (("winner", w_key), ("loser", l_key)):
+            stem = f"{key[0]}_{key[1]}_{key[2]}"
+            original = np.load(cand / "latents" / f"{stem}.npy")
+            shape = tuple(ex["latent_shape"])
+            assert shape == original.shape
+            back = np.frombuffer(ex[f"{side}_latent"], dtype=np.float16).reshape(shape)
+            assert back.tobytes() == original.astype(np.float16).tobytes()  # bitwise
+            assert ex[f"{side}_png"] == (cand / "images" / f"{stem}.png").read_bytes()
+
+    # A finished shard is skipped on a re-run.
+    again = stage.run(_config(scorer_models), str(workdir))
+    assert again["pairs"] == 3 and "already done" in capsys.readouterr().out
+
+
+def test_stage_resumes_after_a_crash_mid_scoring(scorer_models, workdir):
+    from data_prep.scoring import stage
+
+    config = _config(scorer_models, weights_preset="custom", weights="clip=0.8,aesthetic=0.2", extra="")
+    first = stage.run(config, str(workdir))
+    scores_path = workdir / "scores" / "scores-00000-of-00001.jsonl"
+    lines = scores_path.read_text().splitlines()
+    reference = _load_tfds(workdir / "pairs")
+    # Simulate a crash: pairs never written, the scores file ends in a torn line.
+    shutil.rmtree(workdir / "pairs")
+    scores_path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    resumed = stage.run(config, str(workdir))
+    assert resumed["already_scored"] == 5
+    assert resumed["scored"] == first["scored"] - 5
+    assert len(scores_path.read_text().splitlines()) == first["scored"]
+    after = _load_tfds(workdir / "pairs")
+    assert [ex["prompt_id"] for ex in after] == [ex["prompt_id"] for ex in reference]
+    for a, b in zip(after, reference):
+        assert a["winner_latent"] == b["winner_latent"] and a["loser_latent"] == b["loser_latent"]
+        # Different batch composition moves float32 results in the 6th digit, not more.
+        assert a["winner_total"] == pytest.approx(b["winner_total"], abs=1e-4)
+
+
+def test_stage_shards_merge_into_one_dataset(workdir):
+    from configs.common import base_config
+    from data_prep.scoring import stage
+
+    # scoring.tiny: the stage builds its own tiny scorer models in the work directory.
+    config = base_config()
+    config.scoring.update(dict(tiny=True, weights_preset="custom", weights="clip=1", device="cpu"))
+    config.lock()
+    config.shard.count = 2
+    config.shard.index = 1
+    s1 = stage.run(config, str(workdir))
+    assert not s1["complete"] and not (workdir / "pairs" / "dataset_info.json").exists()
+    config.shard.index = 0
+    s0 = stage.run(config, str(workdir))
+    assert s0["complete"] and (workdir / "pairs" / "_DONE.json").is_file()
+    assert (workdir / "scores" / "tiny_models" / "clip" / "config.json").is_file()
+    examples = _load_tfds(workdir / "pairs")
+    # Without VQA, p2 (no questions) is scored too: every prompt gives a pair.
+    assert sorted(ex["prompt_id"] for ex in examples) == [b"ie0", b"p0", b"p1", b"p2", b"p3"]
+    assert (s0["pairs"], s1["pairs"]) == (3, 2)  # shard i takes sorted ids i::2
+
+
+def test_score_stage_is_registered():
+    from agfsync_jax import main
+
+    module, fn, _ = main.STAGES["score"]
+    assert (module, fn) == ("data_prep.scoring.stage", "run")
+
+
+def test_tiny_scorers_and_explicit_paths_exclude_each_other(tmp_path):
+    from configs.common import base_config
+    from data_prep.scoring.tiny import resolve_scoring_config
+
+    config = base_config()
+    config.scoring.tiny = True
+    config.scoring.clip_path = "/models/clip"
+    with pytest.raises(ValueError, match=r"scoring.tiny or the scorer paths.*clip_path"):
+        resolve_scoring_config(config.scoring, tmp_path)
+    assert not (tmp_path / "scores").exists()
+
+
+def test_stage_refuses_unfinished_sampling(scorer_models, workdir):
+    from data_prep.scoring import stage
+
+    (workdir / "candidates" / "_DONE.json").unlink()
+    with pytest.raises(FileNotFoundError, match="sampling stage has not finished"):
+        stage.run(_config(scorer_models), str(workdir))
+
+
+def test_manifest_rows_without_images_are_an_error(tmp_path):
+    from agfsync_jax.schemas import PromptRecord, SchemaError
+    from data_prep.scoring.candidates import read_candidates
+
+    records = {"p0": PromptRecord.from_dict(RECORDS[0])}
+    row = {"prompt_id": "p0", "candidate": 0, "seed": 1, "noise_sigma": 0.1, "image": "", "latent": "p0/i0-c000.npy",
+           "scheduler": "ddim", "steps": 10, "cfg": 7.5}
+    (tmp_path / "manifest-00000-of-00001.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(SchemaError, match=r"manifest-00000-of-00001.jsonl row 1: candidate has no image"):
+        read_candidates(tmp_path, records, {"p0"})
