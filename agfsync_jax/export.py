@@ -129,3 +129,42 @@ def export_flax_msgpack(base_folder: str | Path, unet_params: Any, out_dir: str 
     atomic_write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
     atomic_write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
     return out_dir
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Stage `export`: WORKDIR/train checkpoint (export.step, -1 = latest) -> WORKDIR/export.
+
+    Every process reads the parameters onto its host (the checkpoint holds every shard), and
+    only process 0 writes, so the folder is written once whatever mesh trained it.
+    """
+    import jax
+
+    from agfsync_jax import workdir as workdir_lib
+    from agfsync_jax.atomic_io import atomic_write_json
+    from agfsync_jax.models.tiny import resolve_base_model
+    from agfsync_jax.training import checkpointing
+    from agfsync_jax.training.train import CHECKPOINTS
+
+    wd = Path(workdir)
+    out = wd / workdir_lib.EXPORT
+    done = out / workdir_lib.DONE_MARKER
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        print(f"export: complete ({summary['pipeline']}), skipped")
+        return summary
+    step, params = checkpointing.load_params(wd / workdir_lib.TRAIN / CHECKPOINTS,
+                                             None if config.export.step < 0 else int(config.export.step))
+    base = resolve_base_model(config, wd)
+    pipeline_dir = out / "pipeline"
+    summary = {"step": step, "base": str(base), "pipeline": str(pipeline_dir)}
+    if jax.process_index() == 0:
+        if pipeline_dir.exists():
+            # A previous attempt died after the rename but before the marker: the folder is
+            # whole (it appears atomically) but may be of another step, so rewrite it.
+            shutil.rmtree(pipeline_dir)
+        export_pipeline(base, params, pipeline_dir)
+        if config.export.flax_msgpack:
+            summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
+        atomic_write_json(done, summary)
+    print(f"export: step {step} -> {pipeline_dir}")
+    return summary

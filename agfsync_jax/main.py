@@ -19,8 +19,13 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "tiny-model": ("agfsync_jax.models.tiny", "run", "build the tiny random base model"),
     "prompts": ("data_prep.prompts.stage", "run",
                 "write prompts, yes-questions and instruction pairs (prompts/prompts.jsonl)"),
+    "sample": ("agfsync_jax.sampling.stage", "run",
+               "sample N candidates per prompt: images, latents, manifests (candidates/)"),
     "score": ("data_prep.scoring.stage", "run",
               "score candidates (VQA, CLIP, aesthetic) and write the pair dataset (scores/, pairs/)"),
+    "train": ("agfsync_jax.training.stage", "run", "Diffusion-DPO finetuning of the UNet (train/)"),
+    "export": ("agfsync_jax.export", "run", "trained UNet -> diffusers PyTorch pipeline folder"),
+    "eval": ("agfsync_jax.evaluation.stage", "run", "base vs finetuned: win rates, scores, image grids"),
     "pipeline": ("agfsync_jax.pipeline", "run", "every stage in order, skipping finished ones"),
 }
 
@@ -42,6 +47,10 @@ def _main(argv: list[str], stage: str) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required\n" + _usage())
     module_name, fn_name, _ = STAGES[stage]
+    if stage != "prompts":  # the prompts stage must not pay for importing diffusers
+        from agfsync_jax.log_noise import quiet_third_party_logs
+
+        quiet_third_party_logs()
     logging.info("stage %s, workdir %s", stage, _WORKDIR.value)
     getattr(importlib.import_module(module_name), fn_name)(_CONFIG.value, _WORKDIR.value)
 

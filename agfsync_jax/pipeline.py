@@ -21,7 +21,7 @@ PIPELINE: tuple[tuple[str, str, str], ...] = (
     ("sample", "agfsync_jax.sampling.stage", workdir_lib.CANDIDATES),
     ("score", "data_prep.scoring.stage", workdir_lib.PAIRS),
     ("train", "agfsync_jax.training.stage", workdir_lib.TRAIN),
-    ("export", "agfsync_jax.export_stage", workdir_lib.EXPORT),
+    ("export", "agfsync_jax.export", workdir_lib.EXPORT),
     ("eval", "agfsync_jax.evaluation.stage", workdir_lib.EVAL),
 )
 

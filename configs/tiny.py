@@ -23,6 +23,9 @@ def get_config():
     c.sampling.steps = 10
     c.sampling.batch_size = 8
 
+    # Tiny random CLIP / BLIP-2 / aesthetic head, built under WORKDIR/scores/tiny_models.
+    c.scoring.tiny = True
+
     c.train.batch_size = 8
     c.train.steps = 40
     c.train.learning_rate = 1e-4
