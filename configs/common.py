@@ -73,10 +73,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.num_candidates = 8
     c.sampling.noise_sigma = 0.1
     c.sampling.clean_first_candidate = False  # the authors' code keeps candidate 0 clean
-    c.sampling.scheduler = "ddim"  # ddim | dpm_solver | euler | pndm
+    # Noise on SDXL's pooled text embedding. The authors' code adds unit-variance noise there
+    # (1.0), which we treat as a bug (design.md section 10); 0 keeps it clean.
+    c.sampling.pooled_noise_sigma = 0.0
+    # The authors' code starts every prompt's candidate i from the same initial latents.
+    c.sampling.shared_initial_latents = False
+    c.sampling.scheduler = "ddim"  # ddim | dpm_solver | euler | pndm (diffusers' Flax ports)
     c.sampling.steps = 50
-    c.sampling.guidance_scale = 7.5
-    c.sampling.batch_size = 8  # images per device batch, global
+    c.sampling.guidance_scale = 7.5  # classifier-free guidance runs only for values > 1
+    # Examples per compiled call, global; a multiple of (device count x microbatch).
+    c.sampling.batch_size = 8
+    # Examples per UNet call on one device. Results are bitwise reproducible across device
+    # counts, batch sizes and resumption for a fixed microbatch (XLA picks kernels by shape);
+    # raise it on accelerators for throughput (at most batch_size / device count).
+    c.sampling.microbatch = 1
+    # Parameter layout while sampling: "replicate", or "fsdp" (split over mesh.fsdp, for models
+    # that do not fit on one device; XLA then splits some contractions across devices, so the
+    # last bits depend on the mesh shape and the bitwise reproducibility above is lost).
+    c.sampling.shard_params = "replicate"
     c.sampling.save_png = True
 
     # --- scoring and pairs (data_prep.scoring, PyTorch) --------------------------------------
@@ -96,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.scoring.pickscore_path = ""  # PickScore_v1 folder (a CLIP model)
     c.scoring.pickscore_processor_path = ""  # its processor folder; "" -> pickscore_path
     c.scoring.device = "auto"  # "auto" (cuda + fp16 when present) | "cpu" | "cuda"
+    # Build tiny random scorer models under WORKDIR/scores/tiny_models and use them (demo/tests).
+    c.scoring.tiny = False
     c.scoring.batch_size = 16
     c.scoring.min_margin = 0.0  # prompts whose best and worst totals differ by less give no pair
     c.scoring.store_png = True

@@ -1,0 +1,14 @@
+"""Candidate sampling (design.md section 6): N noisy-embedding candidates per prompt, on a mesh.
+
+    schedulers      diffusers' Flax schedulers driven by step index, fixed to match PyTorch
+    denoise         the pure, jittable denoising core (explicit latents and embeddings)
+    candidate_seeds stable per-candidate seeds and JAX key data
+    noise           initial latents and embedding noise from per-example keys
+    decode          final latents -> uint8 images
+    candidates      one batch: tokens + keys -> latents + images (pure)
+    program         that function jitted over the mesh, compiled once
+    work_plan       prompts x instructions x candidates, sharded by prompt
+    batching        fixed-size padded host batches
+    outputs         files, manifests, verification, settings
+    stage           the `sample` stage
+"""

@@ -1,0 +1,190 @@
+"""The candidates directory: files, manifests, verification, and the settings that produced them.
+
+    WORKDIR/candidates/
+      <prompt dir>/i<instruction>-c<candidate>.png   the decoded image (optional)
+      <prompt dir>/i<instruction>-c<candidate>.npy   float32 (C, h, w): the sampler's final latents
+                                                     in UNet space; the image is the VAE decoding of
+                                                     latent / vae.scaling_factor
+      manifest-<shard>.jsonl                         one schemas.ManifestRow per candidate
+      sampling_settings.json                         what every file here was sampled with
+      _DONE.json                                     written last, when every prompt is complete
+
+Files are written atomically (image, then latent) before their manifest row is appended, so a
+row always points at complete files. A candidate counts as done only when its row exists and
+its files verify (the PNG decodes to the expected size, the .npy has the expected shape, dtype
+and finite values); anything else is regenerated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agfsync_jax import atomic_io
+from agfsync_jax.sampling.work_plan import CandidateKey
+from agfsync_jax.schemas import ManifestRow
+
+SETTINGS_FILE = "sampling_settings.json"
+MANIFEST_PREFIX = "manifest-"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def prompt_dir_name(prompt_id: str) -> str:
+    """A file-system-safe directory name for a prompt id, unique per id."""
+    safe = _SAFE.sub("_", prompt_id)[:80]
+    if safe == prompt_id and safe not in (".", ".."):
+        return safe
+    # Sanitising can merge ids ("a/b" and "a_b"): a hash of the original keeps them apart.
+    return f"{safe}-{hashlib.blake2b(prompt_id.encode('utf-8'), digest_size=4).hexdigest()}"
+
+
+def relative_paths(key: CandidateKey) -> tuple[str, str]:
+    """(image, latent) paths of a candidate, relative to the candidates directory."""
+    prompt_id, instruction, candidate = key
+    stem = f"{prompt_dir_name(prompt_id)}/i{instruction}-c{candidate:03d}"
+    return f"{stem}.png", f"{stem}.npy"
+
+
+def manifest_name(shard_suffix: str) -> str:
+    return f"{MANIFEST_PREFIX}{shard_suffix}.jsonl"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_npy(latent: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(latent, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_candidate(out_dir: Path, row: ManifestRow, latent: np.ndarray, image: np.ndarray | None) -> None:
+    """Writes a candidate's files atomically; its manifest row goes in afterwards."""
+    if row.image:
+        if image is None:
+            raise ValueError(f"{row.prompt_id}: the row names an image but none was decoded")
+        atomic_io.atomic_write_bytes(out_dir / row.image, encode_png(image))
+    atomic_io.atomic_write_bytes(out_dir / row.latent, encode_npy(latent))
+
+
+def verify_candidate(out_dir: Path, row: ManifestRow, latent_shape: tuple[int, ...],
+                     image_size: int | None) -> str | None:
+    """None when the candidate's files are complete and sound, else the reason they are not."""
+    latent_path = out_dir / row.latent
+    if not latent_path.is_file():
+        return f"missing {row.latent}"
+    try:
+        latent = np.load(latent_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        return f"unreadable {row.latent} ({e})"
+    if latent.shape != tuple(latent_shape) or latent.dtype != np.float32:
+        return f"{row.latent} is {latent.dtype}{list(latent.shape)}, expected float32{list(latent_shape)}"
+    if not np.isfinite(latent).all():
+        return f"{row.latent} has non-finite values"
+    if image_size is None:
+        return None
+    if not row.image:
+        return "no image recorded"
+    from PIL import Image, UnidentifiedImageError
+
+    image_path = out_dir / row.image
+    if not image_path.is_file():
+        return f"missing {row.image}"
+    try:
+        with Image.open(image_path) as im:
+            im.load()  # decodes every byte: a truncated or corrupted PNG fails here
+            if im.size != (image_size, image_size) or im.mode != "RGB":
+                return f"{row.image} is {im.mode} {im.size}, expected RGB {(image_size, image_size)}"
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        return f"undecodable {row.image} ({e})"
+    return None
+
+
+def remove_stale_temp_files(out_dir: Path, prompt_ids: Iterable[str]) -> int:
+    """Deletes temp files a killed writer left in these prompts' directories (only this shard's:
+    another process may be writing its own right now)."""
+    removed = 0
+    for prompt_id in prompt_ids:
+        for tmp in (out_dir / prompt_dir_name(prompt_id)).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def manifest_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob(f"{MANIFEST_PREFIX}*.jsonl"))
+
+
+def read_manifests(out_dir: Path) -> tuple[dict[CandidateKey, ManifestRow], int]:
+    """Rows of every manifest shard, keyed by candidate (first row wins), and the duplicate count.
+
+    A torn last line (a process killed while appending) is dropped; any other malformed line is
+    corruption and raises, naming file and line.
+    """
+    rows: dict[CandidateKey, ManifestRow] = {}
+    duplicates = 0
+    for path in manifest_files(out_dir):
+        for i, obj in enumerate(atomic_io.read_complete_lines(path)):
+            row = ManifestRow.from_dict(obj, f"{path} row {i + 1}")
+            key = (row.prompt_id, row.instruction, row.candidate)
+            if key in rows:
+                duplicates += 1
+            else:
+                rows[key] = row
+    return rows, duplicates
+
+
+class ManifestWriter:
+    """Appends rows to this process's manifest shard; repairs a torn tail left by a crash first."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # a repair killed half-way
+            tmp.unlink(missing_ok=True)
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            rows = atomic_io.read_complete_lines(path)
+            if text and (not text.endswith("\n") or text.count("\n") != len(rows)):
+                # Appending after a torn line would glue the new row onto it.
+                atomic_io.atomic_write_jsonl(path, rows)
+        self._appender = atomic_io.JsonlAppender(path)
+
+    def append(self, row: ManifestRow) -> None:
+        self._appender.append(row.to_dict())
+
+    def close(self) -> None:
+        self._appender.close()
+
+
+def check_settings(out_dir: Path, settings: Mapping[str, Any], write: bool) -> None:
+    """Refuses to mix candidates sampled with different settings in one directory.
+
+    The first run records `settings`; later runs must match them field by field.
+    """
+    path = out_dir / SETTINGS_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        changed = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
+        if changed:
+            detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ValueError(f"{path}: the candidates here were sampled with other settings ({detail}); "
+                             f"use a new work directory or remove {out_dir}")
+    elif write:
+        atomic_io.atomic_write_json(path, dict(settings))
+
+
+def missing_keys(expected: Iterable[CandidateKey], rows: Mapping[CandidateKey, ManifestRow]) -> list[CandidateKey]:
+    return [k for k in expected if k not in rows]
+

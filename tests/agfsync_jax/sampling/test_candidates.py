@@ -1,0 +1,91 @@
+"""Candidate generation: what the UNet actually sees, inspected at every call.
+
+A spy wraps the real UNet and records the cross-attention context (and SDXL's pooled
+embeddings) of every call, so the tests check the conditioning inside the compiled loop rather
+than the inputs we meant to pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.sampling import batching, candidates, schedulers
+from agfsync_jax.sampling.work_plan import Example
+
+SIGMA = 0.1
+STEPS = 2
+NUM = 3  # candidates of one prompt
+
+
+def _spy(models):
+    calls = []
+
+    def record(context, text_embeds):
+        calls.append((np.asarray(context), None if text_embeds is None else np.asarray(text_embeds)))
+
+    def eps_fn(params, x, t, context, added):
+        jax.debug.callback(record, context, None if added is None else added["text_embeds"])
+        return models.eps_fn(params, x, t, context, added)
+    return dataclasses.replace(models, eps_fn=eps_fn), calls
+
+
+def _setup(sd):
+    sched = schedulers.make_scheduler("ddim", sd.scheduler_config, STEPS)
+    models = candidates.candidate_models(sd, sched, TINY_RESOLUTION, 7.5, decode_images=False)
+    models, calls = _spy(models)
+    sampling = ml_collections.ConfigDict(dict(noise_sigma=SIGMA, clean_first_candidate=True, pooled_noise_sigma=0.0,
+                                              shared_initial_latents=False))
+    examples = [Example("p0", 0, 0, c, "a red cat sitting on a wooden table", 100 + c) for c in range(NUM)]
+    batch = batching.host_batch(examples, tokenizers=sd.tokenizers, sampling=sampling, global_seed=0,
+                                sdxl_resolution=TINY_RESOLUTION if sd.family == "sdxl" else None)
+    # Same initial latents for every candidate: any difference between them comes from the
+    # embedding noise alone.
+    batch["latent_keys"][:] = batch["latent_keys"][0]
+    params = candidates.model_params(sd, decode_images=False)
+    uncond = candidates.unconditional(sd)
+    run = jax.jit(lambda params, batch: candidates.generate(models, params, batch, uncond, 7.5)["latents"])
+    clean = jax.jit(lambda params, batch: candidates.conditioning(models, params["text"], batch))(params, batch)
+    return run, params, batch, uncond, clean, calls
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_noise_goes_on_the_conditional_branch_only(family, request):
+    sd = request.getfixturevalue(f"tiny_{family}")
+    run, params, batch, uncond, clean, calls = _setup(sd)
+    if family == "sdxl":
+        batch["pooled_sigma"][2] = 1.0  # the authors' pooled noise, opted into for one candidate
+    latents = np.asarray(run(params, batch))
+    assert len(calls) == STEPS
+    for context, pooled in calls:
+        uncond_rows, cond_rows = context[0::2], context[1::2]  # branches are interleaved
+        # The unconditional branch is the clean negative embedding, bit for bit, at every step.
+        for row in uncond_rows:
+            np.testing.assert_array_equal(row, uncond.embeds[0])
+        noise = cond_rows - np.asarray(clean.embeds)
+        assert np.abs(noise[0]).max() < 1e-5  # candidate 0 stays clean (clean_first_candidate)
+        for c in (1, 2):
+            assert noise[c].std() == pytest.approx(SIGMA, rel=0.1)
+            assert abs(noise[c].mean()) < 0.01
+        assert not np.allclose(noise[1], noise[2])  # each candidate has its own noise
+        if family == "sdxl":
+            np.testing.assert_array_equal(pooled[0::2], np.zeros_like(pooled[0::2]))  # SDXL: zeros
+            pooled_noise = pooled[1::2] - np.asarray(clean.pooled)
+            # No noise on the pooled embedding unless asked for (design.md section 10).
+            assert np.abs(pooled_noise[:2]).max() < 1e-5
+            assert pooled_noise[2].std() == pytest.approx(1.0, rel=0.35)
+    # Same initial latents, different embedding noise: the candidates differ.
+    assert not np.array_equal(latents[0], latents[1]) and not np.array_equal(latents[1], latents[2])
+
+    # Sigma 0 everywhere (a traced input: same program, no recompilation): identical candidates.
+    batch["embeds_sigma"][:] = 0.0
+    batch["pooled_sigma"][:] = 0.0
+    latents = np.asarray(run(params, batch))
+    np.testing.assert_array_equal(latents[1], latents[0])
+    np.testing.assert_array_equal(latents[2], latents[0])
+    assert run._cache_size() == 1

@@ -1,0 +1,126 @@
+"""Exact resume through the real loop (SD1.x, text encoded in the step, prompt dropout on):
+6 steps straight == 3 steps, SIGKILL, resume to 6, bitwise; and a corrupted latest checkpoint
+stops the run with the reason instead of starting over."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from agfsync_jax import workdir as workdir_lib
+from agfsync_jax.training import checkpointing, train
+
+STATE_FIELDS = ("params", "opt_state", "rng", "step", "nonfinite_steps")
+
+
+def _config_code(model_path: Path) -> str:
+    return textwrap.dedent(f"""
+        from configs import tiny
+        config = tiny.get_config()
+        config.model.tiny, config.model.path = "", {str(model_path)!r}
+        config.train.batch_size, config.train.steps = 2, 6
+        config.train.checkpoint_every, config.train.keep_checkpoints, config.train.log_every = 3, 2, 1
+        config.train.text_encoding, config.train.prompt_dropout = "in_step", 0.25
+    """)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, run_python, tiny_sd1_path, pair_writer):
+    root = tmp_path_factory.mktemp("resume")
+    # 6 pairs, batch 2: an epoch is 3 steps, so the resumed run also crosses an epoch boundary.
+    pairs = pair_writer(root / "pairs", 6, shards=2)
+    straight, interrupted = root / "straight", root / "interrupted"
+    for wd in (straight, interrupted):
+        shutil.copytree(pairs, wd / workdir_lib.PAIRS)
+    # One compilation serves both processes.
+    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    first = _config_code(tiny_sd1_path) + textwrap.dedent(f"""
+        import os, signal
+        from agfsync_jax.training import checkpointing, train
+        train.train_and_evaluate(config, {str(straight)!r})
+        print("straight run done", flush=True)
+
+        should_save = checkpointing.Checkpointer.should_save
+        def kill_at_step_5(self, step):
+            if step == 5:  # steps 4 and 5 ran; only the step-3 checkpoint exists
+                self.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return should_save(self, step)
+        checkpointing.Checkpointer.should_save = kill_at_step_5
+        train.train_and_evaluate(config, {str(interrupted)!r})
+    """)
+    proc = run_python(first, env=env, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "straight run done" in proc.stdout
+    assert sorted(os.listdir(interrupted / workdir_lib.TRAIN / train.CHECKPOINTS)) == ["3"]
+    run_python(_config_code(tiny_sd1_path) + textwrap.dedent(f"""
+        from agfsync_jax.training import train
+        train.train_and_evaluate(config, {str(interrupted)!r})
+    """), env=env)
+    return straight, interrupted
+
+
+def test_resumed_run_is_bitwise_equal_to_straight_run(runs):
+    straight, interrupted = (wd / workdir_lib.TRAIN for wd in runs)
+    resolved = json.loads((interrupted / train.CONFIG_JSON).read_text())
+    assert resolved["_resolved"]["started_at_step"] == 3  # it did resume, from step 3
+    for wd in (straight, interrupted):
+        assert json.loads((wd / workdir_lib.DONE_MARKER).read_text())["step"] == 6
+    step_a, a = checkpointing.read_checkpoint(straight / train.CHECKPOINTS, None, STATE_FIELDS)
+    step_b, b = checkpointing.read_checkpoint(interrupted / train.CHECKPOINTS, None, STATE_FIELDS)
+    assert step_a == step_b == 6 and int(a["step"]) == 6
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 400  # params + Adam mu and nu, not an empty tree
+    unequal = [i for i, (x, y) in enumerate(zip(leaves_a, leaves_b)) if not np.array_equal(x, y)]
+    assert not unequal, f"{len(unequal)} of {len(leaves_a)} leaves differ"
+    _, base = checkpointing.read_checkpoint(straight / train.CHECKPOINTS, 3, ("params",))
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(a["params"])))
+
+
+def test_tensorboard_has_one_loss_per_step(runs):
+    from agfsync_jax.pair_dataset import tensorflow_cpu_only
+
+    tf = tensorflow_cpu_only()
+    events = glob.glob(str(runs[0] / workdir_lib.TRAIN / train.TENSORBOARD / "events.out.tfevents.*"))
+    steps = {}
+    for path in events:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    steps[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(steps) == list(range(1, 7)) and all(np.isfinite(list(steps.values())))
+
+
+def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, tiny_sd1_path):
+    from configs import tiny
+
+    workdir = tmp_path / "wd"
+    shutil.copytree(runs[1], workdir)
+    data = max(glob.glob(str(workdir / workdir_lib.TRAIN / train.CHECKPOINTS / "6" / "state" / "**" / "d" / "*"),
+                       recursive=True), key=os.path.getsize)
+    blob = bytearray(Path(data).read_bytes())
+    blob[len(blob) // 3: len(blob) // 3 + 64] = os.urandom(64)
+    Path(data).write_bytes(bytes(blob))
+
+    config = tiny.get_config()
+    config.model.tiny, config.model.path = "", str(tiny_sd1_path)
+    config.train.batch_size, config.train.steps, config.train.text_encoding = 2, 8, "in_step"
+    before = sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS))
+    with pytest.raises(checkpointing.CheckpointRestoreError, match="step 6.*cannot be restored") as e:
+        train.train_and_evaluate(config, workdir)
+    print(e.value)
+    assert "base weights" in str(e.value)  # says it will not fall back to them
+    assert sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS)) == before
+    with pytest.raises(checkpointing.CheckpointRestoreError, match="step 6"):
+        checkpointing.load_params(workdir / workdir_lib.TRAIN / train.CHECKPOINTS)

@@ -1,0 +1,73 @@
+"""The train step on 8 simulated CPU devices with FSDP equals the step on 1 device."""
+
+from __future__ import annotations
+
+import textwrap
+
+
+def test_fsdp_step_on_8_devices_equals_single_device(run_python, tiny_sd1_path):
+    code = textwrap.dedent(f"""
+        import jax, numpy as np
+        from configs import tiny
+        from agfsync_jax import sharding
+        from agfsync_jax.models.loading import load_stable_diffusion
+        from agfsync_jax.training.train import build_training
+        assert jax.device_count() == 8, jax.devices()
+
+        sd = load_stable_diffusion({str(tiny_sd1_path)!r}, components=("unet", "text_encoders"))
+        rng = np.random.default_rng(0)
+        B = 16
+        raw = {{"winner_latent": rng.standard_normal((B, 4, 16, 16)).astype(np.float32),
+               "loser_latent": rng.standard_normal((B, 4, 16, 16)).astype(np.float32),
+               "prompt": np.array([f"a red cat {{i}}" for i in range(B)], object),
+               "prompt_2": np.array([""] * B, object), "prompt_id": np.arange(B).astype(str).astype(object),
+               "is_cross": np.zeros(B, bool)}}
+
+        def config(fsdp, accum, remat):
+            c = tiny.get_config()
+            c.train.batch_size, c.train.text_encoding = B, "cached"
+            c.train.grad_accum_steps, c.train.remat = accum, remat
+            c.mesh.fsdp, c.mesh.min_shard_size = fsdp, 1024  # the tiny model's kernels are small
+            # Adam's first update is lr * sign(g) wherever |g| >> eps: gradient entries at the level
+            # of rounding noise would flip a whole lr-sized update. A larger eps keeps this test
+            # about sharding rather than about the sign of noise.
+            c.train.adam_eps = 1e-3
+            return c
+
+        def one_step(cfg, devices):
+            mesh = sharding.make_mesh(cfg.mesh, devices)
+            setup = build_training(cfg, sd, mesh)
+            state = setup.initial_state(sd, seed=0)
+            before = jax.device_get(state.params)
+            state, metrics = setup.train_step(state, setup.frozen, sharding.place_batch(setup.inputs(raw, cfg, sd), mesh))
+            return before, state, jax.device_get(metrics), mesh
+
+        # Reference: 1 device, whole batch at once, no remat.
+        before, single, m1, _ = one_step(config(1, 1, False), jax.devices()[:1])
+        # 8 devices, FSDP over all 8, two accumulated microbatches, rematerialised UNet.
+        _, sharded, m8, mesh = one_step(config(8, 2, True), jax.devices())
+        assert dict(mesh.shape) == {{"data": 1, "fsdp": 8}}
+
+        leaves = jax.tree_util.tree_leaves_with_path(sharded.params)
+        path, big = max(leaves, key=lambda kv: kv[1].size)
+        name = jax.tree_util.keystr(path)
+        print("largest kernel", name, sharding.describe(big))
+        moments = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(sharded.opt_state)
+                   if jax.tree_util.keystr(p).endswith(name)]
+        for p, x in moments:
+            print("adam state", p, sharding.describe(x))
+        assert len(moments) == 2 and all(x.sharding.spec == big.sharding.spec for _, x in moments)
+        assert big.sharding.spec != jax.sharding.PartitionSpec() and big.addressable_shards[0].data.size == big.size // 8
+
+        print("loss 1 device", m1["loss"], "8 devices", m8["loss"])
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+        p1, p8 = jax.device_get(single.params), jax.device_get(sharded.params)
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)))
+        moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(before)))
+        print("max |params 8 dev - 1 dev|", diff, "update size", moved)
+        assert moved > 1e-5 and diff < 1e-5, (diff, moved)
+    """)
+    proc = run_python(code, devices=8)
+    print(proc.stdout)
+    assert "adam state" in proc.stdout
