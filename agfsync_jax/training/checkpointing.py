@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state and the input pipeline's position.
 
-    ckpt = Checkpointer(WORKDIR/train/checkpoints, save_every=100, keep=3)
+    ckpt = Checkpointer(checkpoint_dir(workdir), save_every=100, keep=3)
     if ckpt.latest_step() is not None:
         state, data_position = ckpt.restore(ckpt.latest_step(), abstract_state)
+
+    step, unet_params = load_trained_params(workdir)   # export / eval: host numpy, any machine
 
 Each checkpoint has two items: "state" (the TrainState: step, params, optimizer state, RNG key,
 skipped-step count; saved sharded, restored onto whatever shardings the abstract state carries)
@@ -25,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from agfsync_jax import workdir as workdir_lib
+
 STATE = "state"
 META = "meta"
+CHECKPOINTS = "checkpoints"  # under WORKDIR/train
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -65,13 +70,23 @@ def _fingerprint_matches(saved: Any, restored: Any) -> bool:
         np.all(np.abs(saved - restored) <= 1e-5 * (abs(saved[0]) + 1.0)))
 
 
-def _verify(where: str, saved: dict[str, Any], restored: dict[str, Any]) -> None:
+def _first_line(e: Exception) -> str:
+    """The gist of an error: TensorStore appends a page-long spec to its messages."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    return line.split(" See full TensorStore details")[0][:300]
+
+
+def _refusal(step_dir: Path) -> str:
+    return (f"Refusing to start over from the base weights: delete {step_dir} to continue from an "
+            "earlier checkpoint.")
+
+
+def _verify(where: str, step_dir: Path, saved: dict[str, Any], restored: dict[str, Any]) -> None:
     bad = [k for k in restored if k not in saved or not _fingerprint_matches(saved[k], restored[k])]
     if bad:
         raise CheckpointRestoreError(
             f"{where}: restored {', '.join(bad)} do not match the fingerprint saved with them (the "
-            "checkpoint's array data is corrupted). Refusing to start over from the base weights: "
-            "delete this checkpoint directory to continue from an earlier one.")
+            f"checkpoint's array data is corrupted). {_refusal(step_dir)}")
 
 
 class Checkpointer:
@@ -108,22 +123,20 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, data position) of checkpoint `step`, placed as `abstract_state`'s shardings."""
         where = f"checkpoint step {step} in {self.directory}"
+        step_dir = self.directory / str(step)
         if step not in self._manager.all_steps():
             raise CheckpointRestoreError(f"{where}: no such checkpoint (have {self.all_steps()})")
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
         except Exception as e:  # noqa: BLE001 - any failure is re-raised with its cause attached
-            # TensorStore errors carry a page-long spec; the first line names the problem.
-            reason = (str(e).strip().splitlines() or [""])[0][:300]
-            raise CheckpointRestoreError(
-                f"{where} cannot be restored ({type(e).__name__}: {reason}). Refusing to start over from "
-                "the base weights: delete or repair this checkpoint directory to continue from an "
-                "earlier one.") from e
+            raise CheckpointRestoreError(f"{where} cannot be restored ({type(e).__name__}: "
+                                         f"{_first_line(e)}). {_refusal(step_dir)}") from e
         state, meta = restored[STATE], restored[META]
         if not isinstance(meta, dict) or not {"data_position", "fingerprint", "step"} <= set(meta):
-            raise CheckpointRestoreError(f"{where}: its '{META}' item is missing or malformed: {meta!r}")
-        _verify(where, meta["fingerprint"], jax.device_get(state_fingerprint(state)))
+            raise CheckpointRestoreError(f"{where}: its '{META}' item is missing or malformed: {meta!r}. "
+                                         f"{_refusal(step_dir)}")
+        _verify(where, step_dir, meta["fingerprint"], jax.device_get(state_fingerprint(state)))
         if int(meta["step"]) != int(step) or int(state.step) != int(step):
             raise CheckpointRestoreError(
                 f"{where}: holds state of step {int(state.step)} and metadata of step {meta['step']}")
@@ -172,9 +185,9 @@ def read_checkpoint(directory: str | Path, step: int | None = None,
         meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
             directory / str(step) / META, args=ocp.args.JsonRestore())
     except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint named
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointRestoreError(f"{where} cannot be read ({type(e).__name__}: {reason})") from e
-    _verify(where, meta.get("fingerprint", {}), {f: _tree_fingerprint(values[f], np) for f in fields})
+        raise CheckpointRestoreError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+    _verify(where, directory / str(step), meta.get("fingerprint", {}),
+            {f: _tree_fingerprint(values[f], np) for f in fields})
     return step, {f: values[f] for f in fields}
 
 
@@ -182,3 +195,17 @@ def load_params(directory: str | Path, step: int | None = None) -> tuple[int, An
     """(step, UNet parameters as host numpy arrays): what export and evaluation need."""
     step, values = read_checkpoint(directory, step, ("params",))
     return step, values["params"]
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    """WORKDIR/train/checkpoints."""
+    return Path(workdir) / workdir_lib.TRAIN / CHECKPOINTS
+
+
+def load_trained_params(workdir: str | Path, step: int = -1) -> tuple[int, Any]:
+    """(step, finetuned UNet parameters as host numpy arrays) from WORKDIR/train.
+
+    `step=-1` takes the latest checkpoint (the final one once training is done). The tree is the
+    Flax UNet's parameter tree, ready for `export.export_pipeline(base_folder, params, out)`.
+    """
+    return load_params(checkpoint_dir(workdir), None if step < 0 else step)

@@ -43,7 +43,7 @@ from agfsync_jax.training.train_state import (
 from agfsync_jax.training.train_step import (
     EMBEDS, INPUT_IDS, POOLED, TIME_IDS, Frozen, frozen_shardings, make_eval_step, make_train_step, slot_key)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = checkpointing.CHECKPOINTS
 TENSORBOARD = "tensorboard"
 CONFIG_JSON = "config.json"
 NONFINITE_MODES = ("skip", "stop")
@@ -205,7 +205,8 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _check_finite(metrics: dict[str, jax.Array], step: int, mode: str, ckpt: checkpointing.Checkpointer) -> None:
+def _check_finite(metrics: dict[str, jax.Array], step: int, mode: str,
+                  ckpt: checkpointing.Checkpointer) -> None:
     if mode == "stop" and int(jax.device_get(metrics["nonfinite"])):
         raise NonFiniteError(
             f"step {step}: the loss or gradient is not finite (train.nonfinite='stop'); the update was "
@@ -224,13 +225,18 @@ class TrainSetup:
     train_step: Callable[[TrainState, Frozen, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[Any, Frozen, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
     prompt_encoder: text_lib.PromptEncoder | None
+    sd: StableDiffusion
+    text_mode: str
+    resolution: int
 
-    def initial_state(self, sd: StableDiffusion, seed: int) -> TrainState:
-        return create_train_state(sd.unet.params, self.tx, seed, self.state_shardings)
+    def initial_state(self, seed: int) -> TrainState:
+        """A fresh state from the base UNet weights, placed on the mesh."""
+        return create_train_state(self.sd.unet.params, self.tx, seed, self.state_shardings)
 
-    def inputs(self, raw: dict[str, np.ndarray], config: Any, sd: StableDiffusion) -> dict[str, np.ndarray]:
-        return step_inputs(raw, spec=self.spec, sd=sd, text_mode=config.train.text_encoding,
-                           prompt_encoder=self.prompt_encoder, resolution=int(config.model.resolution))
+    def inputs(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A pair-dataset batch -> this process's part of the step's batch (host arrays)."""
+        return step_inputs(raw, spec=self.spec, sd=self.sd, text_mode=self.text_mode,
+                           prompt_encoder=self.prompt_encoder, resolution=self.resolution)
 
 
 def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) -> TrainSetup:
@@ -260,7 +266,8 @@ def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) ->
         param_shardings=state_sh.params, frozen_sharding=frozen_sh, text_encode=text_encode)
     return TrainSetup(spec=spec, tx=tx, abstract_state=_with_shardings(abstract, state_sh),
                       state_shardings=state_sh, frozen=frozen, train_step=train_step, eval_step=eval_step,
-                      prompt_encoder=prompt_encoder)
+                      prompt_encoder=prompt_encoder, sd=sd, text_mode=cfg.text_encoding,
+                      resolution=int(config.model.resolution))
 
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
@@ -278,12 +285,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     setup = build_training(config, sd, mesh)
 
     pairs = open_pairs(config, workdir)
-    ckpt = checkpointing.Checkpointer(train_dir / CHECKPOINTS, save_every=int(cfg.checkpoint_every),
-                                      keep=int(cfg.keep_checkpoints))
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
+                                      save_every=int(cfg.checkpoint_every), keep=int(cfg.keep_checkpoints))
     latest = ckpt.latest_step()
     if latest is None:
         logging.info("no checkpoint in %s: starting from the base weights of %s", ckpt.directory, base)
-        state = setup.initial_state(sd, int(config.seed))
+        state = setup.initial_state(int(config.seed))
     else:
         state, position = ckpt.restore(latest, setup.abstract_state)
         pairs.restore(position)
@@ -303,7 +310,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     window: tuple[float, int] | None = None  # (time, step) of the previous report
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch = sharding.place_batch(setup.inputs(next(pairs), config, sd), mesh)
+            batch = sharding.place_batch(setup.inputs(next(pairs)), mesh)
             state, metrics = setup.train_step(state, setup.frozen, batch)
             # Checking means waiting for the step; with "skip" the count in the state suffices.
             _check_finite(metrics, step, cfg.nonfinite, ckpt)

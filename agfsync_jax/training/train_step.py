@@ -3,7 +3,8 @@
     step = make_train_step(...)
     state, metrics = step(state, frozen, batch)     # state is donated
 
-`batch` is a dict of global arrays sharded over the batch dimension (see `BATCH_KEYS`);
+`batch` is a dict of global arrays sharded over the batch dimension (keys below: latents of
+winners and losers, token ids or cached embeddings per prompt, SDXL time ids);
 `frozen` holds what the step reads but never updates: the reference UNet (same shardings as the
 policy, no optimizer state), the text encoders when prompts are encoded in the step, and the
 empty-prompt conditioning for prompt dropout. All randomness (noise, timesteps, dropout) comes
@@ -167,7 +168,8 @@ def make_train_step(*, denoiser: Denoiser, spec: losses.LossSpec,
             return optax.apply_updates(state.params, updates), opt_state
 
         # A non-finite step leaves parameters and optimizer state exactly as they were.
-        params, opt_state = jax.lax.cond(finite, apply_update, lambda _: (state.params, state.opt_state), None)
+        params, opt_state = jax.lax.cond(
+            finite, apply_update, lambda _: (state.params, state.opt_state), None)
         applied = state.step - state.nonfinite_steps  # the optimizer's own update count
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, rng=rng,

@@ -50,3 +50,28 @@ def write_pairs(out: Path, num_pairs: int, *, seed: int = 0, cross: bool = False
 def pair_writer():
     """`write_pairs(out, num_pairs, seed=0, cross=False, shards=2) -> out`."""
     return write_pairs
+
+
+@pytest.fixture(scope="session")
+def micro_sd1_path(tmp_path_factory) -> Path:
+    """The tiny SD1.x pipeline with an even smaller UNet (one down and one up block).
+
+    Same classes and loading path as every SD folder; about half the tiny UNet's compile time,
+    for the tests that exercise the loop's mechanics (sharding, processes, resume) rather than
+    the model.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from agfsync_jax.models import tiny
+
+    pipe = tiny.build_tiny_pipeline("sd1", seed=0)
+    torch.manual_seed(1)
+    pipe.register_modules(unet=UNet2DConditionModel(
+        sample_size=tiny.TINY_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=32))
+    out = tmp_path_factory.mktemp("models") / "micro-sd1"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -34,7 +34,7 @@ def _config_code(model_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, run_python, tiny_sd1_path, pair_writer):
+def runs(tmp_path_factory, run_python, micro_sd1_path, pair_writer):
     root = tmp_path_factory.mktemp("resume")
     # 6 pairs, batch 2: an epoch is 3 steps, so the resumed run also crosses an epoch boundary.
     pairs = pair_writer(root / "pairs", 6, shards=2)
@@ -45,7 +45,7 @@ def runs(tmp_path_factory, run_python, tiny_sd1_path, pair_writer):
     env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    first = _config_code(tiny_sd1_path) + textwrap.dedent(f"""
+    first = _config_code(micro_sd1_path) + textwrap.dedent(f"""
         import os, signal
         from agfsync_jax.training import checkpointing, train
         train.train_and_evaluate(config, {str(straight)!r})
@@ -64,7 +64,7 @@ def runs(tmp_path_factory, run_python, tiny_sd1_path, pair_writer):
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "straight run done" in proc.stdout
     assert sorted(os.listdir(interrupted / workdir_lib.TRAIN / train.CHECKPOINTS)) == ["3"]
-    run_python(_config_code(tiny_sd1_path) + textwrap.dedent(f"""
+    run_python(_config_code(micro_sd1_path) + textwrap.dedent(f"""
         from agfsync_jax.training import train
         train.train_and_evaluate(config, {str(interrupted)!r})
     """), env=env)
@@ -85,7 +85,8 @@ def test_resumed_run_is_bitwise_equal_to_straight_run(runs):
     unequal = [i for i, (x, y) in enumerate(zip(leaves_a, leaves_b)) if not np.array_equal(x, y)]
     assert not unequal, f"{len(unequal)} of {len(leaves_a)} leaves differ"
     _, base = checkpointing.read_checkpoint(straight / train.CHECKPOINTS, 3, ("params",))
-    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(a["params"])))
+    leaves = zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(a["params"]))
+    assert not all(np.array_equal(x, y) for x, y in leaves)  # steps 4-6 did train
 
 
 def test_tensorboard_has_one_loss_per_step(runs):
@@ -102,7 +103,7 @@ def test_tensorboard_has_one_loss_per_step(runs):
     assert sorted(steps) == list(range(1, 7)) and all(np.isfinite(list(steps.values())))
 
 
-def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, tiny_sd1_path):
+def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, micro_sd1_path):
     from configs import tiny
 
     workdir = tmp_path / "wd"
@@ -110,14 +111,19 @@ def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, tiny_
     data = max(glob.glob(str(workdir / workdir_lib.TRAIN / train.CHECKPOINTS / "6" / "state" / "**" / "d" / "*"),
                        recursive=True), key=os.path.getsize)
     blob = bytearray(Path(data).read_bytes())
-    blob[len(blob) // 3: len(blob) // 3 + 64] = os.urandom(64)
+    # Bit rot all over the array data (where orbax lays out each array varies from save to save):
+    # decoding then fails, or yields other numbers without complaint, which only the fingerprint
+    # saved with the checkpoint catches. Either must stop the run.
+    for i in range(0, len(blob), 997):
+        blob[i] ^= 0x5A
     Path(data).write_bytes(bytes(blob))
 
     config = tiny.get_config()
-    config.model.tiny, config.model.path = "", str(tiny_sd1_path)
+    config.model.tiny, config.model.path = "", str(micro_sd1_path)
     config.train.batch_size, config.train.steps, config.train.text_encoding = 2, 8, "in_step"
     before = sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS))
-    with pytest.raises(checkpointing.CheckpointRestoreError, match="step 6.*cannot be restored") as e:
+    with pytest.raises(checkpointing.CheckpointRestoreError,
+                       match=r"checkpoint step 6") as e:
         train.train_and_evaluate(config, workdir)
     print(e.value)
     assert "base weights" in str(e.value)  # says it will not fall back to them
