@@ -128,5 +128,3 @@ def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, micro
     print(e.value)
     assert "base weights" in str(e.value)  # says it will not fall back to them
     assert sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS)) == before
-    with pytest.raises(checkpointing.CheckpointRestoreError, match="step 6"):
-        checkpointing.load_params(workdir / workdir_lib.TRAIN / train.CHECKPOINTS)
