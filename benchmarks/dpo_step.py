@@ -101,10 +101,10 @@ class JaxSide:
                                         components=("unet", "text_encoders"))
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.setup = build_training(cfg, self.sd, self.mesh)
-        self.state = self.setup.initial_state(self.sd, args.seed)
+        self.state = self.setup.initial_state(args.seed)
         # Host-side preparation (tokenising) happens once; each step places the numpy batch on
         # the mesh, which is the one host->device copy the training loop makes per step.
-        self.host_batch = self.setup.inputs(raw, cfg, self.sd)
+        self.host_batch = self.setup.inputs(raw)
         self.compiled = None
 
     def compile(self) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = 1.0
     c.train.remat = False  # recompute UNet activations in the backward pass (less memory)
     c.train.remat_policy = "dots_with_no_batch_dims_saveable"  # a jax.checkpoint_policies name
-    c.train.prompt_dropout = 0.0
+    c.train.prompt_dropout = 0.0  # probability of training a prompt as "" (unconditional)
     c.train.nonfinite = "skip"  # "skip" (count, keep params) | "stop"
     # "in_step": the step runs the frozen text encoders on token ids; "cached": each prompt is
     # encoded once outside the step and kept on the host (no encoder in the step).

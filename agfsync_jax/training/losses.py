@@ -4,7 +4,9 @@ Every loss takes predictions and regression targets stacked by *view*: a view is
 (image, prompt) combination the UNet is run on, with leading shape (V, B, C, H, W). The spec of
 each loss (`LossSpec`) says which views it needs, whether it needs the frozen reference model,
 and whether views share one noise draw. Noise, timesteps and the forward passes live in
-`forward.objective`; this module only turns predictions into a scalar and metrics.
+`objective.objective`; this module only turns predictions into a scalar and metrics.
+The cross-validation loss shares one noise draw and timestep across all four views of a record
+(the paper leaves this open): the two triples then differ only in their text.
 
 Diffusion-DPO (Wallace et al. 2023; design.md section 8), per pair with shared noise and t:
 
@@ -119,7 +121,7 @@ def released_code_dpo_loss(policy_pred: jax.Array, ref_pred: jax.Array | None, t
     The error of a model on winners (losers) is the L2 norm of the whole batch's residual, not
     squared and not per example, so the batch yields one margin; winners and losers get
     independent noise (see `LossSpec.independent_noise`). The authors use beta = 1. Views:
-    [winner | prompt, loser | prompt].
+    [winner | prompt, loser | prompt]. With gradient accumulation the "batch" is a microbatch.
     """
     ref_pred = _require_reference(ref_pred, "released_code_dpo")
 

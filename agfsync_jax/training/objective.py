@@ -78,7 +78,7 @@ def objective(params: Any, ref_params: Any, denoiser: Denoiser, spec: losses.Los
     """
     x0, cond = _stack_views(spec, images, conds)
     num_views, batch = x0.shape[:2]
-    if noise.shape[0] not in (1, num_views) or noise.shape[0] != spec.num_noise:
+    if noise.shape[0] != spec.num_noise:
         raise ValueError(f"loss {spec.name!r} needs noise of leading size {spec.num_noise}, "
                          f"got shape {noise.shape}")
     noise = jnp.broadcast_to(noise, x0.shape)

@@ -76,7 +76,7 @@ def open_pairs(config: Any, workdir: str | Path) -> PairSource:
 def step_inputs(raw: dict[str, np.ndarray], *, spec: losses.LossSpec, sd: StableDiffusion,
                 text_mode: str, prompt_encoder: text_lib.PromptEncoder | None,
                 resolution: int) -> dict[str, np.ndarray]:
-    """A pair-dataset batch -> the train step's per-process batch (see train_step.BATCH keys)."""
+    """A pair-dataset batch -> this process's part of the train step's batch (train_step keys)."""
     if spec.requires_pair_kind == PAIR_CROSS and not bool(np.all(raw["is_cross"])):
         ids = [str(p) for p, c in zip(raw["prompt_id"], raw["is_cross"]) if not c]
         raise ValueError(f"train.loss={spec.name!r} needs InstructEngine cross pairs; these pairs are "
@@ -111,8 +111,6 @@ def _validate(config: Any, mesh: jax.sharding.Mesh) -> None:
     if int(cfg.batch_size) % per_micro:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be a multiple of devices ({mesh.size}) x "
                          f"grad_accum_steps ({cfg.grad_accum_steps}) = {per_micro}")
-    if cfg.loss == "released_code_dpo" and float(cfg.beta) != 1.0:
-        logging.warning("train.loss=released_code_dpo with beta=%s; the authors' code uses beta=1", cfg.beta)
 
 
 def _base_model(config: Any, workdir: str | Path) -> Path:
@@ -186,8 +184,8 @@ class _Reporter:
         self._writer.flush()
         speed = ""
         if steps_per_sec:
-            eta = (self.total - step) / steps_per_sec
-            speed = f" | {steps_per_sec:.2f} steps/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+            eta = round((self.total - step) / steps_per_sec)
+            speed = f" | {steps_per_sec:.2f} steps/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
         logging.info("step %d/%d %s%s", step, self.total, shown, speed)
         self._bar.set_postfix(loss=f"{metrics['loss']:.4f}",
@@ -279,6 +277,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     total_steps = int(cfg.steps)
     mesh = sharding.make_mesh(config.mesh)
     _validate(config, mesh)  # before loading anything
+    if cfg.loss == "released_code_dpo" and float(cfg.beta) != 1.0:
+        logging.warning("train.loss=released_code_dpo with beta=%s; the authors' code uses beta=1", cfg.beta)
     base = _base_model(config, workdir)
     sd = load_stable_diffusion(base, DtypePolicy.from_config(config.model),
                                components=("unet", "text_encoders"))

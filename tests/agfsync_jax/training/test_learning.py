@@ -1,11 +1,12 @@
 """The jitted step on the tiny SDXL model (pooled embeddings, time ids): it learns a preference
-that is there, and a non-finite step changes nothing but the skip count."""
+that is there, a non-finite step changes nothing but the skip count, and remat is switchable."""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,6 +57,7 @@ def trained(tiny_sdxl):
                 after=held_out_accuracy(state.params), rng=rng)
 
 
+@pytest.mark.slow
 def test_implicit_accuracy_on_held_out_pairs_rises_well_above_chance(trained):
     print(f"held-out implicit accuracy {trained['before']:.3f} -> {trained['after']:.3f}; "
           f"train loss {trained['losses'][0]:.4f} -> {np.mean(trained['losses'][-5:]):.4f}")
@@ -66,6 +68,7 @@ def test_implicit_accuracy_on_held_out_pairs_rises_well_above_chance(trained):
     assert trained["after"] >= 0.8 and trained["after"] > trained["before"] + 0.25
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(trained):
     setup, mesh = trained["setup"], trained["mesh"]
     raw = _pairs(trained["rng"], BATCH)
@@ -78,3 +81,17 @@ def test_nonfinite_step_is_skipped_and_counted(trained):
     assert int(after.nonfinite_steps) == int(before[2]) + 1 and int(after.step) == int(before[3]) + 1
     same = jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), (after.params, after.opt_state), before[:2])
     assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_remat_switch_rematerialises_the_unet(tiny_sdxl):
+    """With train.remat the UNet forward sits under a checkpoint with the configured policy."""
+    from agfsync_jax.training.objective import Conditioning, make_denoiser
+
+    args = (tiny_sdxl.unet.params, jnp.zeros((1, 4, 16, 16)), jnp.zeros((1,), jnp.int32),
+            Conditioning(jnp.zeros((1, 77, 64)), jnp.zeros((1, 32)), jnp.zeros((1, 6))))
+    plain = str(jax.make_jaxpr(make_denoiser(tiny_sdxl.unet.module))(*args))
+    remat = str(jax.make_jaxpr(make_denoiser(tiny_sdxl.unet.module, "dots_with_no_batch_dims_saveable"))(*args))
+    marker = "DotsSaveable(only_if_no_batch_dims=True)"  # how the jaxpr prints the policy
+    assert marker not in plain and marker in remat
+    with pytest.raises(ValueError, match="remat_policy"):
+        make_denoiser(tiny_sdxl.unet.module, "save_everything_please")

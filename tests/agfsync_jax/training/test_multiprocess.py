@@ -13,9 +13,12 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.training import train
+
+pytestmark = pytest.mark.slow  # subprocesses and compilation: minutes on 2 CPU cores
 
 STEPS = 3
 

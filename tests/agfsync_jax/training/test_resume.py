@@ -19,6 +19,8 @@ import pytest
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.training import checkpointing, train
 
+pytestmark = pytest.mark.slow  # subprocesses and compilation: minutes on 2 CPU cores
+
 STATE_FIELDS = ("params", "opt_state", "rng", "step", "nonfinite_steps")
 
 
@@ -123,8 +125,12 @@ def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, micro
     config.train.batch_size, config.train.steps, config.train.text_encoding = 2, 8, "in_step"
     before = sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS))
     with pytest.raises(checkpointing.CheckpointRestoreError,
-                       match=r"checkpoint step 6") as e:
+                       match=r"checkpoint step 6 .*(cannot be restored|corrupted)") as e:
         train.train_and_evaluate(config, workdir)
     print(e.value)
     assert "base weights" in str(e.value)  # says it will not fall back to them
     assert sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS)) == before
+    # The host-side reader (export) refuses it too when it reads every field: the loop's restore
+    # read the same arrays and found the damage, wherever it sits.
+    with pytest.raises(checkpointing.CheckpointRestoreError, match="step 6"):
+        checkpointing.read_checkpoint(workdir / workdir_lib.TRAIN / train.CHECKPOINTS, None, STATE_FIELDS)

@@ -1,9 +1,13 @@
-"""The train step on 8 simulated CPU devices with FSDP (plus gradient accumulation and remat)
-equals the plain step on 1 device."""
+"""The train step on 8 simulated CPU devices with FSDP (and gradient accumulation) equals the
+plain step on 1 device."""
 
 from __future__ import annotations
 
 import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses and compilation: minutes on 2 CPU cores
 
 
 def test_fsdp_step_on_8_devices_equals_single_device(run_python, micro_sd1_path):
@@ -29,10 +33,9 @@ def test_fsdp_step_on_8_devices_equals_single_device(run_python, micro_sd1_path)
                "prompt_2": np.array([""] * B, object), "prompt_id": np.arange(B).astype(str).astype(object),
                "is_cross": np.zeros(B, bool)}}
 
-        def config(fsdp, accum, remat):
+        def config(fsdp, accum):
             c = tiny.get_config()
-            c.train.batch_size, c.train.text_encoding = B, "cached"
-            c.train.grad_accum_steps, c.train.remat = accum, remat
+            c.train.batch_size, c.train.text_encoding, c.train.grad_accum_steps = B, "cached", accum
             c.mesh.fsdp, c.mesh.min_shard_size = fsdp, 1024  # the tiny model's kernels are small
             return c
 
@@ -47,10 +50,10 @@ def test_fsdp_step_on_8_devices_equals_single_device(run_python, micro_sd1_path)
             state, metrics = setup.train_step(state, setup.frozen, batch)
             return before, state, jax.device_get(metrics), mesh
 
-        # Reference: 1 device, whole batch at once, no remat.
-        before, single, m1, _ = two_steps(config(1, 1, False), jax.devices()[:1])
-        # 8 devices, FSDP over all 8, two accumulated microbatches, rematerialised UNet.
-        _, sharded, m8, mesh = two_steps(config(8, 2, True), jax.devices())
+        # Reference: 1 device, the whole batch at once.
+        before, single, m1, _ = two_steps(config(1, 1), jax.devices()[:1])
+        # 8 devices, FSDP over all 8, two accumulated microbatches.
+        _, sharded, m8, mesh = two_steps(config(8, 2), jax.devices())
         assert dict(mesh.shape) == {{"data": 1, "fsdp": 8}}
 
         leaves = jax.tree_util.tree_leaves_with_path(sharded.params)
