@@ -9,6 +9,7 @@ resumes from its latest checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     distributed.initialize()
     summary = train.train_and_evaluate(config, workdir)
-    print(f"train: step {summary['step']}, loss {summary.get('loss', float('nan')):.4f}, "
-          f"implicit accuracy {summary.get('implicit_acc', float('nan')):.3f}, "
+    # Losses without a preference (sft) have no implicit accuracy.
+    acc = (f", implicit accuracy {summary['implicit_acc']:.3f}"
+           if math.isfinite(summary.get("implicit_acc", float("nan"))) else "")
+    print(f"train: step {summary['step']}, loss {summary.get('loss', float('nan')):.4f}{acc}, "
           f"{summary['nonfinite_steps']} non-finite steps skipped; checkpoint {summary['checkpoint']}")
     return summary

@@ -188,8 +188,10 @@ class _Reporter:
             speed = f" | {steps_per_sec:.2f} steps/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
         logging.info("step %d/%d %s%s", step, self.total, shown, speed)
-        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                              acc=f"{metrics.get('implicit_acc', float('nan')):.3f}", refresh=False)
+        postfix = {"loss": f"{metrics['loss']:.4f}"}
+        if "implicit_acc" in metrics:  # losses without a preference (sft) have none
+            postfix["acc"] = f"{metrics['implicit_acc']:.3f}"
+        self._bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -23,10 +23,9 @@ from agfsync_jax import pipeline
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "tiny.py")
 
-# The closed-loop bar. With n eval prompts a coin flip has standard error 0.5/sqrt(n); the tiny
-# config evaluates 48 prompts (se 0.072), so 0.65 is two standard errors above chance. The
-# demo's measured value is recorded in the README.
-MIN_WIN_RATE = 0.65
+# The closed-loop bar: the smallest win rate a one-sided sign test calls better than a coin flip
+# at the 5% level for the demo's 24 eval prompts (17 wins; P(X >= 17 | p = 0.5) = 0.032).
+MIN_WIN_RATE = 17 / 24
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 1500) -> subprocess.CompletedProcess:
@@ -59,15 +58,15 @@ def test_demo_writes_report_with_win_rates_and_grids(demo):
         assert (workdir / stage_dir / "_DONE.json").is_file(), stage_dir
 
 
-@pytest.mark.xfail(strict=True, reason="closed loop not tuned yet: the tiny default measured a win rate of "
-                   "0.417 over 24 prompts (lr 1e-4) and 0.375 (lr 1e-5); issue 7 item 4 stays open")
+@pytest.mark.xfail(strict=True, reason="the tiny default's random scorers give no learnable preference: every "
+                   "tuning trial scored 0.33-0.58 over 24 prompts (docs/tiny_closed_loop.md); issue 7 item 4 "
+                   "is open. Strict: a demo that starts winning turns this red so the docs get updated.")
 def test_closed_loop_finetuned_beats_base_on_training_reward(demo):
     workdir, proc = demo
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     win_rate = metrics["win_rates"]["all"]["total"]
     print(f"win rate of finetuned over base on the total reward: {win_rate:.3f} "
           f"over {metrics['num_prompts']} prompts")
-    assert metrics["num_prompts"] >= 40
     assert win_rate >= MIN_WIN_RATE
     assert f"{win_rate:.3f}" in (workdir / "eval" / "report.md").read_text()
 
