@@ -1,10 +1,11 @@
-"""The single-threaded TFRecord frame counter behind the TFDS split info."""
+"""The TFDS metadata writer counts the shards itself and refuses damaged or stray shards."""
 
 from __future__ import annotations
 
 import pytest
 
-from data_prep.scoring.tfds_metadata import count_tfrecord
+from data_prep.scoring.pair_records import shard_filename
+from data_prep.scoring.tfds_metadata import write_tfds_metadata
 
 
 def _write(path, payloads):
@@ -15,21 +16,28 @@ def _write(path, payloads):
             writer.write(p)
 
 
-def test_counts_records_and_payload_bytes_like_tensorflow(tmp_path):
-    import tensorflow as tf
+def test_split_info_counts_every_shard(tmp_path):
+    import json
 
-    payloads = [b"", b"a" * 7, bytes(range(256)) * 3]
-    path = tmp_path / "x.tfrecord"
-    _write(path, payloads)
-    assert count_tfrecord(path) == (3, sum(len(p) for p in payloads))
-    assert sum(1 for _ in tf.data.TFRecordDataset(str(path))) == 3  # the oracle agrees
+    for i, n in enumerate((3, 0, 2)):
+        _write(tmp_path / shard_filename(i, 3), [b"x" * 10] * n)
+    assert write_tfds_metadata(tmp_path, 3) == 5
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert info["splits"][0]["shardLengths"] == ["3", "0", "2"]
 
 
-@pytest.mark.parametrize("cut", [1, 5, 13])
-def test_a_truncated_file_is_named(tmp_path, cut):
-    path = tmp_path / "pairs.tfrecord-00000-of-00001"
-    _write(path, [b"x" * 40, b"y" * 40])
-    data = path.read_bytes()
-    path.write_bytes(data[:-cut])
-    with pytest.raises(ValueError, match=r"pairs\.tfrecord-00000-of-00001: truncated TFRecord"):
-        count_tfrecord(path)
+def test_a_truncated_shard_is_named(tmp_path):
+    from agfsync_jax.pair_dataset import PairDataError
+
+    _write(tmp_path / shard_filename(0, 1), [b"x" * 40, b"y" * 40])
+    victim = tmp_path / shard_filename(0, 1)
+    victim.write_bytes(victim.read_bytes()[:-13])
+    with pytest.raises(PairDataError, match=f"{victim.name}: truncated TFRecord file"):
+        write_tfds_metadata(tmp_path, 1)
+
+
+def test_shards_of_another_shard_count_are_refused(tmp_path):
+    _write(tmp_path / shard_filename(0, 1), [b"x"])
+    _write(tmp_path / shard_filename(1, 2), [b"x"])
+    with pytest.raises(ValueError, match="another shard.count"):
+        write_tfds_metadata(tmp_path, 1)
