@@ -1,9 +1,14 @@
-"""The training input pipeline over a pair dataset written by the scoring stage's writer."""
+"""The training input pipeline over a pair dataset written by the scoring stage's writer, in one
+process and in two real processes under jax.distributed."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,7 @@ from agfsync_jax.schemas import PAIR_AGFSYNC, PAIR_CROSS, PromptRecord, ScoreRow
 SHARD_SIZES = (5, 0, 7)  # an empty shard on purpose: a stage shard may yield no pair
 NUM_PAIRS = sum(SHARD_SIZES)
 LATENT_SHAPE = (4, 8, 8)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pair(i: int):
@@ -91,6 +97,55 @@ def test_two_processes_read_disjoint_slices_covering_the_dataset(pair_dir):
     # Process 1's slice (records 6..11) lies entirely in the third file: it never opens the first.
     assert [p.name for p in procs[1].slice_files] == ["agfsync_pairs-train.tfrecord-00002-of-00003"]
     assert len(procs[0].slice_files) == 2
+
+
+# Each process: join the group, read one epoch saving the position after batch 1, then (second
+# phase) restore that position in a new PairDataset and read the next batch.
+WORKER = textwrap.dedent("""
+    import json, sys
+    from agfsync_jax.training import distributed
+    distributed.initialize()
+    import jax
+    from agfsync_jax.pair_dataset import PairDataset
+
+    data_dir, out_dir = sys.argv[1], sys.argv[2]
+    me = jax.process_index()
+    ds = PairDataset(data_dir, global_batch_size=4, seed=3)  # index and count from jax
+    batches, saved = [], None
+    for b in range(ds.batches_per_epoch):
+        batches.append([str(p) for p in next(ds)["prompt_id"]])
+        if b == 0:
+            saved = ds.state()
+    resumed = PairDataset(data_dir, global_batch_size=4, seed=3)
+    resumed.restore(json.loads(json.dumps(saved)))
+    after_resume = [str(p) for p in next(resumed)["prompt_id"]]
+    with open(f"{out_dir}/p{me}.json", "w") as f:
+        json.dump({"process": [me, jax.process_count()], "batches": batches,
+                   "files": [p.name for p in ds.slice_files], "after_resume": after_resume}, f)
+""")
+
+
+def test_two_processes_read_disjoint_slices_and_resume(pair_dir, tmp_path):
+    path, latents = pair_dir
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=1", "--",
+         sys.executable, str(worker), str(path), str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    slices = []
+    for i, r in enumerate(results):
+        assert r["process"] == [i, 2]
+        ids = [pid for batch in r["batches"] for pid in batch]
+        assert len(ids) == len(set(ids))
+        slices.append(set(ids))
+        print(f"process {i}: files {r['files']}, batches {r['batches']}, after resume {r['after_resume']}")
+        assert r["after_resume"] == r["batches"][1]  # the batch after the saved position
+    assert not slices[0] & slices[1]
+    assert slices[0] | slices[1] == set(latents)
 
 
 def test_epochs_reshuffle_deterministically(pair_dir):
