@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = 1.0
     c.train.remat = False  # recompute UNet activations in the backward pass (less memory)
     c.train.remat_policy = "dots_with_no_batch_dims_saveable"  # a jax.checkpoint_policies name
+    # "diffusers": the Flax UNet's own attention; "fused": the same math with a flash-style
+    # backward (agfsync_jax/models/attention.py): less memory in float32, more in bfloat16 on the
+    # XLA:CPU memory plan (docs/performance.md).
+    c.train.attention = "diffusers"
     c.train.prompt_dropout = 0.0  # probability of training a prompt as "" (unconditional)
     c.train.nonfinite = "skip"  # "skip" (count, keep params) | "stop"
     # "in_step": the step runs the frozen text encoders on token ids; "cached": each prompt is

@@ -11,13 +11,16 @@ the gradient.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from agfsync_jax.models import attention as attention_lib
 from agfsync_jax.training import losses, noise as noise_lib
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, "Conditioning"], jax.Array]
@@ -32,8 +35,15 @@ class Conditioning:
     time_ids: jax.Array | None = None  # (B, 6) SDXL size/crop micro-conditioning
 
 
-def make_denoiser(unet_module: Any, remat_policy: str = "") -> Denoiser:
+ATTENTION_KINDS = ("diffusers", "fused")
+
+
+def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "diffusers") -> Denoiser:
     """(params, x_t, t, cond) -> prediction (float32 or wider), with optional rematerialisation.
+
+    `attention` is "diffusers" (the Flax UNet's own attention) or "fused"
+    (`agfsync_jax.models.attention`: the same math with a flash-style backward that keeps no
+    N x N probabilities for the backward pass).
 
     `remat_policy` names a `jax.checkpoint_policies` member; the UNet's activations are then
     recomputed in the backward pass except for what the policy saves. The diffusers Flax UNet
@@ -41,12 +51,18 @@ def make_denoiser(unet_module: Any, remat_policy: str = "") -> Denoiser:
     "dots_with_no_batch_dims_saveable" keeps weight matmul outputs and recomputes attention
     scores, norms and activations, which dominate activation memory at SD resolutions.
     """
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"train.attention={attention!r}; expected one of {ATTENTION_KINDS}")
+
     def apply(params: Any, x_t: jax.Array, t: jax.Array, cond: Conditioning) -> jax.Array:
         added = None
         if cond.pooled is not None:
             added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        out = unet_module.apply({"params": params}, x_t, t, cond.embeds,
-                                added_cond_kwargs=added, train=False)
+        with contextlib.ExitStack() as stack:
+            if attention == "fused":
+                stack.enter_context(nn.intercept_methods(attention_lib.interceptor))
+            out = unet_module.apply({"params": params}, x_t, t, cond.embeds,
+                                    added_cond_kwargs=added, train=False)
         # Scored in float32 even under bf16 compute (float64 stays float64, for tests).
         return out.sample.astype(jnp.promote_types(out.sample.dtype, jnp.float32))
 
