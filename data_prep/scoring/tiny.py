@@ -11,6 +11,7 @@ scorers exactly as a user's downloaded folders are.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -115,6 +116,15 @@ def _t5_tokenizer():
     trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
+    # The Unigram trainer is not reproducible (parallel reductions inside `tokenizers`): piece
+    # scores vary in their last bits, and the single characters it appends get scores 1e-4 apart
+    # in hash order, so pieces come out with other scores and token ids from run to run; that
+    # changes the tiny BLIP-2's VQA scores and with them the demo. Scores rounded to 1e-3 and
+    # sorted by (score, piece), special tokens keeping ids 0-2, make it reproducible.
+    model = json.loads(tok.to_str())["model"]
+    special, pieces = [tuple(ps) for ps in model["vocab"][:3]], model["vocab"][3:]
+    vocab = special + sorted(((p, round(score, 3)) for p, score in pieces), key=lambda ps: (-ps[1], ps[0]))
+    tok.model = models.Unigram(vocab, unk_id=model["unk_id"], byte_fallback=False)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                            extra_ids=0)
