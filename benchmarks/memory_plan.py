@@ -1,6 +1,8 @@
 """Memory planning without hardware: compile (never run) the real train step at full size.
 
-    python -m benchmarks.memory_plan --model=sd15 --batch=1 [--dtype=bfloat16] [--remat] [--attention=fused]
+    python -m benchmarks.memory_plan --model=sd15 --batch=1 [--dtype=bfloat16] [--remat]
+        [--remat_scope=unet|blocks|layers] [--remat_policy=NAME] [--attention=fused]
+        [--cpu_scheduler=memory]
 
 Builds the project's jitted Diffusion-DPO step (`training.train_step.make_train_step`, the same
 optimizer, shardings, frozen reference tree and denoiser as `agfsync-jax train` with
@@ -12,12 +14,19 @@ outputs, temporaries, aliased = donated) and cost analysis (FLOPs). Master weigh
 
 The numbers are XLA:CPU's buffer assignment on this machine: an estimate of what the GPU or TPU
 compiler will plan (their fusion and layout choices differ), not a measurement on an
-accelerator. Writes benchmarks/results/memory_plan-<model>-<dtype>-<remat>-b<batch>.json.
+accelerator. XLA:CPU's default instruction scheduler is concurrency-optimised: it starts
+independent work early (e.g. the rematerialised forward of many layers at once), which keeps
+more buffers alive than a sequential accelerator stream would; `--cpu_scheduler=memory` plans
+with its memory-minimising scheduler instead (see docs/performance.md for both).
+Writes benchmarks/results/memory_plan-<model>-<dtype>-<remat>-b<batch>[-fused][-<tag>].json
+(<remat> is "noremat", "remat" for the whole-UNet checkpoint, or "remat_<scope>[_<policy>]";
+the tag is "memsched" for the memory-minimising scheduler).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -40,7 +49,8 @@ def text_shapes(unet_config: dict[str, Any], text_len: int = 77) -> dict[str, tu
     return shapes
 
 
-def plan(model: str, batch: int, dtype: str, remat: bool, attention: str = "diffusers") -> dict[str, Any]:
+def plan(model: str, batch: int, dtype: str, remat: bool, attention: str = "diffusers",
+         remat_scope: str = "layers", remat_policy: str | None = None) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     from diffusers import FlaxUNet2DConditionModel
@@ -55,6 +65,9 @@ def plan(model: str, batch: int, dtype: str, remat: bool, attention: str = "diff
 
     config = config_common.base_config()
     config.train.remat = remat
+    config.train.remat_scope = remat_scope
+    if remat_policy:
+        config.train.remat_policy = remat_policy
     compute = jnp.dtype(dtype)
     unet_config = common.unet_config(model)
     module = FlaxUNet2DConditionModel.from_config(unet_config, dtype=compute)
@@ -69,7 +82,8 @@ def plan(model: str, batch: int, dtype: str, remat: bool, attention: str = "diff
     frozen = Frozen(ref_params=params)
     frozen_sh = frozen_shardings(frozen, state_sh.params, mesh, config.mesh)
     step = make_train_step(
-        denoiser=make_denoiser(module, config.train.remat_policy if remat else "", attention), spec=spec,
+        denoiser=make_denoiser(module, config.train.remat_policy if remat else "", attention,
+                               config.train.remat_scope), spec=spec,
         schedule=noise_lib.schedule_from_config(SCHEDULER), beta=float(config.train.beta), tx=tx,
         lr_schedule=learning_rate_schedule(config.train), mesh=mesh, state_shardings=state_sh,
         frozen_sharding=frozen_sh)
@@ -91,10 +105,13 @@ def plan(model: str, batch: int, dtype: str, remat: bool, attention: str = "diff
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
     return {
         "model": model, "batch_pairs_per_device": batch, "compute_dtype": dtype, "remat": remat,
+        "remat_scope": remat_scope if remat else None,
+        "remat_policy": config.train.remat_policy if remat else None,
         "attention": attention,
         "unet_parameters": n_params,
         "analytical_bytes": {"policy_params_fp32": 4 * n_params, "adam_moments_fp32": 8 * n_params,
                              "reference_params_fp32": 4 * n_params, "train_state_total": int(state_bytes)},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_memory": memory, "xla_flops_per_step": flops, "lower_s": lower_s, "compile_s": compile_s,
     }
 
@@ -105,16 +122,34 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="pairs per device")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat_scope", choices=("unet", "blocks", "layers"), default="layers",
+                        help="with --remat: one checkpoint for the whole UNet, or one per block / layer")
+    parser.add_argument("--remat_policy", default=None,
+                        help="with --remat: a jax.checkpoint_policies name (default: the config's)")
     parser.add_argument("--attention", choices=("diffusers", "fused"), default="diffusers")
+    parser.add_argument("--cpu_scheduler", choices=("default", "memory"), default="default",
+                        help="memory: XLA:CPU's memory-minimising scheduler instead of its default "
+                             "concurrency-optimised one (which keeps more buffers alive); adds -memsched")
+    parser.add_argument("--tag", default="", help="suffix of the result file (e.g. for an XLA_FLAGS variant)")
     args = parser.parse_args()
+    if args.cpu_scheduler == "memory":  # read when jax starts its CPU backend (plan() imports jax)
+        flag = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+        args.tag = args.tag or "memsched"
 
-    result = plan(args.model, args.batch, args.dtype, args.remat, args.attention)
-    name = (f"memory_plan-{args.model}-{args.dtype}-{'remat' if args.remat else 'noremat'}-b{args.batch}"
-            + ("-fused" if args.attention == "fused" else ""))
+    result = plan(args.model, args.batch, args.dtype, args.remat, args.attention, args.remat_scope,
+                  args.remat_policy)
+    remat = "noremat"
+    if args.remat:
+        remat = "remat" if args.remat_scope == "unet" else f"remat_{args.remat_scope}"
+        remat += f"_{args.remat_policy}" if args.remat_policy else ""
+    name = (f"memory_plan-{args.model}-{args.dtype}-{remat}-b{args.batch}"
+            + ("-fused" if args.attention == "fused" else "") + (f"-{args.tag}" if args.tag else ""))
     out = common.write_result(name, result)
     mem = result["xla_memory"] or {}
     gib = {k: v / 2**30 for k, v in mem.items() if isinstance(v, (int, float))}
-    print(f"memory_plan {args.model} {args.dtype} remat={args.remat} attention={args.attention} batch={args.batch}: "
+    print(f"memory_plan {args.model} {args.dtype} remat={remat} attention={args.attention} batch={args.batch}: "
           + ", ".join(f"{k} {v:.2f} GiB" for k, v in gib.items())
           + f" | {result['xla_flops_per_step'] or float('nan'):.3g} FLOP/step | compile {result['compile_s']:.0f} s"
           + f" -> {out}")

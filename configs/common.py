@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = 1.0
     c.train.remat = False  # recompute UNet activations in the backward pass (less memory)
     c.train.remat_policy = "dots_with_no_batch_dims_saveable"  # a jax.checkpoint_policies name
+    # What one checkpoint covers: "layers" (each resnet and transformer, like diffusers' PyTorch
+    # gradient checkpointing; agfsync_jax/models/remat.py), "blocks" (each down/mid/up block) or
+    # "unet" (the whole forward, recomputed before the backward: more FLOPs for the same or less
+    # saving; compile-only plans in docs/performance.md).
+    c.train.remat_scope = "layers"
     # "diffusers": the Flax UNet's own attention; "fused": the same math with a flash-style
     # backward (agfsync_jax/models/attention.py): less memory in float32, more in bfloat16 on the
     # XLA:CPU memory plan (docs/performance.md).

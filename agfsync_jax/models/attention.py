@@ -21,8 +21,10 @@ attention alone. It is applied where the training step runs the UNet
 (`agfsync_jax.training.objective.make_denoiser`) with `train.attention="fused"`; the default stays
 diffusers' attention because the gain depends on the dtype. Measured with the compile-only memory
 plan of the full SD1.5 step at one pair per device (docs/performance.md): float32 temporaries drop
-from 24.7 to 13.5 GiB, but under bfloat16 compute they grow from 16.6 to 18.9 GiB (the recomputed
-N x N blocks are float32 here, diffusers keeps bfloat16 probabilities). Outputs and gradients
+from 24.7 to 13.5 GiB (16.8 to 10.6 GiB with XLA:CPU's memory-minimising scheduler), but under
+bfloat16 compute they grow, from 16.6 to 18.9 GiB (and from 11.0 to 12.5 GiB with per-layer remat
+and the memory-minimising scheduler): the recomputed N x N blocks are float32 here, diffusers
+keeps bfloat16 probabilities. Outputs and gradients
 match diffusers' attention to ~1e-6 (tests/agfsync_jax/models/test_attention.py).
 """
 

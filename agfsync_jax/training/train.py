@@ -254,7 +254,8 @@ def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) ->
         prompt_encoder = text_lib.PromptEncoder(sd, np.dtype(compute_dtype))
     frozen = _frozen(config, spec, sd, state_sh.params, mesh, prompt_encoder)
     frozen_sh = frozen_shardings(frozen, state_sh.params, mesh, config.mesh)
-    denoiser = make_denoiser(sd.unet.module, cfg.remat_policy if cfg.remat else "", cfg.attention)
+    denoiser = make_denoiser(sd.unet.module, cfg.remat_policy if cfg.remat else "", cfg.attention,
+                             cfg.remat_scope)
     text_encode = text_lib.step_text_encoder(sd) if cfg.text_encoding == "in_step" else None
     train_step = make_train_step(
         denoiser=denoiser, spec=spec, schedule=schedule, beta=float(cfg.beta), tx=tx,
