@@ -245,14 +245,64 @@ class ManifestRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class VqaAnswer:
+    """The VQA scorer's result for one question about one candidate (an entry of
+    ScoreRow.vqa_answers), enough for TIFA-style accuracy per element type.
+
+    `question`, `element_type` and `expected` (the expected answer) are copied from the prompt
+    record's Question, so a score row can be grouped by element type on its own.
+    `answer`: generate mode, the decoded answer text; likelihood mode, "yes" when p_yes > 0.5,
+    else "no" (a tie counts as not yes).
+    `is_yes`: the answer counts as "yes" (generate mode: its first word is exactly "yes", the
+    strict parse of data_prep/scoring/vqa.py; likelihood mode: p_yes > 0.5).
+    `p_yes`: likelihood mode's P(yes) / (P(yes) + P(no)); None in generate mode.
+    `correct`: the answer is the expected answer (TIFA's 0/1 accuracy).
+    `credit`: the question's share of the VQA score, in [0, 1]: the probability of the expected
+    answer in likelihood mode (p_yes, or 1 - p_yes for a "no" question), `correct` as 1/0 in
+    generate mode; the VQA score is 100 x the mean credit over the candidate's questions.
+    """
+
+    question: str
+    element_type: str
+    expected: str
+    answer: str
+    is_yes: bool
+    p_yes: float | None
+    correct: bool
+    credit: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], what: str = "vqa answer") -> "VqaAnswer":
+        element_type = _require(d, "element_type", str, what)
+        if element_type not in ELEMENT_TYPES:
+            raise SchemaError(
+                f"{what}: field 'element_type' is {element_type!r}, expected one of {ELEMENT_TYPES}")
+        p_yes = _optional(d, "p_yes", (int, float), None, what)
+        if p_yes is not None:
+            p_yes = _finite(p_yes, "p_yes", what)
+            if not 0.0 <= p_yes <= 1.0:
+                raise SchemaError(f"{what}: field 'p_yes' must be in [0, 1], got {p_yes}")
+        credit = _finite(_require(d, "credit", (int, float), what), "credit", what)
+        if not 0.0 <= credit <= 1.0:
+            raise SchemaError(f"{what}: field 'credit' must be in [0, 1], got {credit}")
+        return cls(question=_require(d, "question", str, what), element_type=element_type,
+                   expected=_require(d, "expected", str, what), answer=_require(d, "answer", str, what),
+                   is_yes=_require(d, "is_yes", bool, what), p_yes=p_yes,
+                   correct=_require(d, "correct", bool, what), credit=credit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ScoreRow:
     """Scores of one candidate (a line of scores/scores-*.jsonl), every score on 0-100.
 
     `scores` maps scorer name (vqa, clip, aesthetic, and any extra scorer) to its value;
     `scorers` maps the same names to a version/mode string (e.g. "blip2:likelihood").
-    `vqa_answers` holds the VQA scorer's per-question result in [0, 1] (P(yes), or 1/0 in
-    generate mode), aligned with the prompt record's questions; evaluation groups them by
-    element type (TIFA-style accuracy).
+    `vqa_answers` holds the VQA scorer's per-question results (VqaAnswer), in the order of the
+    prompt record's questions for this candidate's instruction; empty when VQA was not scored.
+    Evaluation groups them by element type (TIFA-style accuracy).
     """
 
     prompt_id: str
@@ -261,7 +311,7 @@ class ScoreRow:
     total: float
     scorers: dict[str, str]
     instruction: int = 0
-    vqa_answers: tuple[float, ...] = ()
+    vqa_answers: tuple[VqaAnswer, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], what: str = "score row") -> "ScoreRow":
@@ -270,17 +320,19 @@ class ScoreRow:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SchemaError(f"{what}: scores[{k!r}] must be a number")
             _finite(v, f"scores[{k!r}]", what)
+        answers = tuple(VqaAnswer.from_dict(a, f"{what} vqa_answers[{i}]")
+                        for i, a in enumerate(_optional(d, "vqa_answers", list, [], what)))
         return cls(prompt_id=_require(d, "prompt_id", str, what),
                    candidate=_require(d, "candidate", int, what),
                    scores={k: float(v) for k, v in scores.items()},
                    total=_finite(_require(d, "total", (int, float), what), "total", what),
                    scorers=_require(d, "scorers", dict, what),
                    instruction=_optional(d, "instruction", int, 0, what),
-                   vqa_answers=tuple(float(v) for v in _optional(d, "vqa_answers", list, [], what)))
+                   vqa_answers=answers)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["vqa_answers"] = list(self.vqa_answers)
+        d["vqa_answers"] = [a.to_dict() for a in self.vqa_answers]
         return d
 
 

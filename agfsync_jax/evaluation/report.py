@@ -25,7 +25,7 @@ class EvalItem:
     prompt_id: str
     category: str
     prompt: str
-    element_types: tuple[str, ...]
+    element_types: tuple[str, ...]  # of the prompt's questions; checked against the VQA answers
     base: ScoreRow
     finetuned: ScoreRow
     base_image: Path
@@ -48,11 +48,18 @@ def compute_metrics(items: Sequence[EvalItem], seed: int = 0) -> dict[str, Any]:
         "scores": {model: {n: statistics.mean_ci(vals[n], seed=seed) for n in names}
                    for model, vals in (("base", base), ("finetuned", fine))},
         "win_rates": statistics.win_rates_by_category([it.category for it in items], fine, base),
+        "sign_tests": {n: statistics.sign_test(fine[n], base[n]) for n in names},
     }
     if all(it.base.vqa_answers and it.finetuned.vqa_answers for it in items):
+        for it in items:
+            for model in ("base", "finetuned"):
+                got = tuple(a.element_type for a in getattr(it, model).vqa_answers)
+                if got != tuple(it.element_types):
+                    raise ValueError(f"prompt {it.prompt_id!r}: the {model} model's VQA answers have element types "
+                                     f"{got}, but the prompt's questions have {tuple(it.element_types)}")
+        metrics["vqa_scorer"] = items[0].base.scorers.get("vqa", "")
         metrics["vqa_accuracy_by_element_type"] = {
-            model: statistics.accuracy_by_element_type(
-                [it.element_types for it in items], [getattr(it, model).vqa_answers for it in items])
+            model: statistics.accuracy_by_element_type(a for it in items for a in getattr(it, model).vqa_answers)
             for model in ("base", "finetuned")}
     return metrics
 
@@ -123,14 +130,28 @@ def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str
     for cat, row in rates.items():
         label = f"**{cat}**" if cat == "all" else cat
         lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+    lines += ["", "Per score over all prompts: wins / losses / ties of finetuned, and the one-sided sign-test "
+              "p-value (how often a fair coin per untied prompt wins at least as often):", ""]
+    for name, t in metrics["sign_tests"].items():
+        lines.append(f"- {name}: {t['wins']} / {t['losses']} / {t['ties']}, p = {t['p_one_sided']:.3g}")
     lines += ["", f"![win rates]({plot_file})", ""]
+    lines += ["## VQA accuracy by element type (TIFA-style)", ""]
     if "vqa_accuracy_by_element_type" in metrics:
         acc = metrics["vqa_accuracy_by_element_type"]
-        lines += ["## VQA accuracy by element type (TIFA-style)", "",
-                  "| element type | questions | base | finetuned |", "|---|---|---|---|"]
+        lines += [f"Fraction of questions answered correctly, by the question's element type "
+                  f"(VQA scorer `{metrics['vqa_scorer']}`; in likelihood mode the answer is yes when "
+                  "P(yes) > 0.5). Mean credit is each question's share of the VQA score: P(expected "
+                  "answer) in likelihood mode, the same as accuracy in generate mode.", "",
+                  "| element type | questions | base accuracy | finetuned accuracy | base mean credit | "
+                  "finetuned mean credit |", "|---|---|---|---|---|---|"]
         for t, b in acc["base"].items():
-            lines.append(f"| {t} | {b['questions']} | {b['accuracy']:.3f} | {acc['finetuned'][t]['accuracy']:.3f} |")
-        lines.append("")
+            f = acc["finetuned"][t]
+            label = f"**{t}**" if t == "all" else t
+            lines.append(f"| {label} | {b['questions']} | {b['accuracy']:.3f} | {f['accuracy']:.3f} | "
+                         f"{b['mean_credit']:.3f} | {f['mean_credit']:.3f} |")
+    else:
+        lines.append("Not available: the score rows hold no per-question VQA answers (VQA not scored).")
+    lines.append("")
     lines += ["## Side by side (base | finetuned)", ""] + [f"![grid]({g})" for g in grid_files] + [""]
     return "\n".join(lines)
 

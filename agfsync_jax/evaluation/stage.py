@@ -115,10 +115,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     metrics = report.write_report(items, eval_dir, grid_prompts=int(config.eval.grid_prompts),
                                   seed=int(config.eval.seed))
     overall = metrics["win_rates"]["all"]
+    sign = metrics["sign_tests"]["total"]
     summary = {"prompts": len(records), "evaluated": len(items), "skipped": len(records) - len(items),
-               "win_rate_total": overall["total"], "report": str(eval_dir / "report.md")}
+               "win_rate_total": overall["total"], "sign_test_total": sign, "report": str(eval_dir / "report.md")}
     atomic_io.atomic_write_json(done, summary)
     print(f"eval: {len(items)}/{len(records)} prompts; win rate of finetuned over base on the total "
           f"reward {overall['total']:.3f} ({', '.join(f'{k} {v:.3f}' for k, v in overall.items() if k != 'total')}); "
+          f"{sign['wins']} wins / {sign['losses']} losses / {sign['ties']} ties, one-sided sign test "
+          f"p = {sign['p_one_sided']:.3g}; "
           f"report {eval_dir / 'report.md'}", flush=True)
     return summary

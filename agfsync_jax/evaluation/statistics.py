@@ -5,11 +5,14 @@ All functions are pure numpy and deterministic (the bootstrap takes an explicit 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from agfsync_jax.schemas import VqaAnswer
 
 
 def mean_ci(values: Sequence[float], seed: int = 0, level: float = 0.95,
@@ -36,6 +39,22 @@ def win_rate(finetuned: Sequence[float], base: Sequence[float]) -> float:
     return float(np.mean((f > b) + 0.5 * (f == b)))
 
 
+def sign_test(finetuned: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
+    """Wins, losses and ties of finetuned over base, and the one-sided exact sign-test p-value.
+
+    p = P(X >= wins) for X ~ Binomial(wins + losses, 1/2): how often a coin flip per prompt does
+    at least as well, so a win rate on a small prompt set can be read as evidence or not. Ties
+    carry no direction and are dropped (the usual sign test); with no untied prompt p is 1.
+    """
+    f, b = np.asarray(finetuned, np.float64), np.asarray(base, np.float64)
+    if f.shape != b.shape or f.size == 0:
+        raise ValueError(f"sign_test needs two equal, non-empty arrays, got {f.shape} and {b.shape}")
+    wins, losses = int(np.sum(f > b)), int(np.sum(f < b))
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2.0**n
+    return {"wins": wins, "losses": losses, "ties": int(f.size - n), "p_one_sided": float(p)}
+
+
 def win_rates_by_category(categories: Sequence[str], finetuned: Mapping[str, Sequence[float]],
                           base: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
     """{category: {score: win rate}} plus an "all" row (the paper's Table 1 layout)."""
@@ -48,15 +67,19 @@ def win_rates_by_category(categories: Sequence[str], finetuned: Mapping[str, Seq
     return table
 
 
-def accuracy_by_element_type(element_types: Sequence[Sequence[str]],
-                             answers: Sequence[Sequence[float]]) -> dict[str, dict[str, Any]]:
-    """TIFA-style accuracy per element type: mean per-question VQA result, and the count."""
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for types, vals in zip(element_types, answers):
-        if len(types) != len(vals):
-            raise ValueError(f"{len(types)} questions but {len(vals)} VQA answers")
-        for t, v in zip(types, vals):
-            sums[t] += float(v)
-            counts[t] += 1
-    return {t: {"accuracy": sums[t] / counts[t], "questions": counts[t]} for t in sorted(counts)}
+def accuracy_by_element_type(answers: Iterable[VqaAnswer]) -> dict[str, dict[str, Any]]:
+    """TIFA-style accuracy per element type, plus an "all" row over every question.
+
+    Per type: `questions` (count), `accuracy` (fraction answered correctly: TIFA's metric; in
+    likelihood mode the answer is yes when P(yes) > 0.5) and `mean_credit` (mean share of the VQA
+    score: P(expected answer) in likelihood mode, equal to `accuracy` in generate mode).
+    """
+    correct: dict[str, list[float]] = defaultdict(list)
+    credit: dict[str, list[float]] = defaultdict(list)
+    for a in answers:
+        for key in (a.element_type, "all"):
+            correct[key].append(1.0 if a.correct else 0.0)
+            credit[key].append(a.credit)
+    order = sorted(t for t in correct if t != "all") + (["all"] if correct else [])
+    return {t: {"questions": len(correct[t]), "accuracy": float(np.mean(correct[t])),
+                "mean_credit": float(np.mean(credit[t]))} for t in order}

@@ -1,11 +1,20 @@
 """Aesthetic score: the LAION aesthetic head on CLIP ViT-L/14 image embeddings, rescaled to 0-100.
 
-The paper scores aesthetics with VILA (Ke et al. 2023), which has no PyTorch port. The standard
-substitute is the LAION aesthetic predictor v2 ("improved aesthetic predictor",
-sac+logos+ava1-l14-linearMSE.pth): a stack of Linear layers (768-1024-128-64-16-1, dropout
-between them and no activations, so an affine map) over the L2-normalised, projected CLIP
-ViT-L/14 image embedding, regressing AVA ratings on a 1-10 scale. We report 10 x that rating;
-there is no clipping, so a head that overshoots 10 gives more than 100 rather than a tie.
+Stand-in for VILA: the paper scores aesthetics with VILA (Ke et al. 2023), which has no PyTorch
+port, so we use the standard substitute, the LAION aesthetic predictor v2 ("improved aesthetic
+predictor", sac+logos+ava1-l14-linearMSE.pth): a stack of Linear layers (768-1024-128-64-16-1,
+dropout between them and no activations, so an affine map) over the L2-normalised, projected
+CLIP ViT-L/14 image embedding. The numbers are therefore not VILA's.
+
+Scale: the head regresses mean AVA ratings, whose nominal range is 1 (worst) to 10 (best). We map
+that range linearly onto 0-100, like the other scores:
+
+    aesthetic = 100 * (rating - 1) / (10 - 1)        1 -> 0,  5.5 -> 50,  10 -> 100
+
+(`rating_to_0_100`). The map is not clipped: a rating outside 1-10 (rare for the real head,
+whose ratings of real images sit around 4-7) lands outside 0-100 rather than tying with the
+end of the scale, since ties carry no preference when candidates are ranked. The head runs in
+float64 on the CPU (it is tiny), so the rescaled score keeps the embedding's precision.
 
 The weights file holds a state dict whose Linear layers are `layers.<i>.weight/bias` (the
 original's nn.Sequential numbering, dropouts included); `.pth`/`.pt` (torch pickle, loaded with
@@ -25,9 +34,15 @@ from torch import nn
 from data_prep.scoring.clip_score import ClipEmbedder
 from data_prep.scoring.scorer import Scorer, ScoringItem
 
-# AVA ratings are on 1-10; x10 puts them next to the other 0-100 scores.
-AVA_TO_0_100 = 10.0
+# The nominal range of the AVA ratings the LAION head regresses; mapped onto 0-100.
+AVA_RATING_MIN, AVA_RATING_MAX = 1.0, 10.0
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
+
+
+def rating_to_0_100(rating: np.ndarray | float) -> np.ndarray:
+    """AVA rating (nominally 1-10) -> 0-100, linearly and unclipped: 100 (r - 1) / 9."""
+    r = np.asarray(rating, dtype=np.float64)
+    return 100.0 * (r - AVA_RATING_MIN) / (AVA_RATING_MAX - AVA_RATING_MIN)
 
 
 def load_head_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -96,7 +111,8 @@ class AestheticHead(nn.Module):
 
 
 class AestheticScorer(Scorer):
-    """10 x LAION aesthetic head(normalised CLIP ViT-L/14 image embedding)."""
+    """rating_to_0_100(LAION aesthetic head(normalised CLIP ViT-L/14 image embedding)); a
+    stand-in for the paper's VILA (see the module docstring)."""
 
     name = "aesthetic"
 
@@ -107,7 +123,8 @@ class AestheticScorer(Scorer):
         self.embedder = ClipEmbedder(clip_path, device, dtype, batch_size=batch_size,
                                      what="scoring.aesthetic_clip_path")
         self.head_path = Path(head_path)
-        self.head = AestheticHead.from_file(self.head_path).to(device)
+        # float64 on the CPU: the embeddings come back there, and the head is a few small matmuls.
+        self.head = AestheticHead.from_file(self.head_path).double()
         projection_dim = self.embedder.model.config.projection_dim
         if self.head.input_dim != projection_dim:
             raise ValueError(f"{self.head_path} expects {self.head.input_dim}-d embeddings but "
@@ -121,5 +138,5 @@ class AestheticScorer(Scorer):
     def score(self, items: Sequence[ScoringItem]) -> np.ndarray:
         if not items:
             return np.zeros((0,))
-        embeds = self.embedder.image_embeddings([it.image for it in items]).to(self.embedder.device)
-        return AVA_TO_0_100 * self.head(embeds)[:, 0].double().cpu().numpy()
+        embeds = self.embedder.image_embeddings([it.image for it in items])
+        return rating_to_0_100(self.head(embeds.double())[:, 0].numpy())

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from agfsync_jax.schemas import Question
+from agfsync_jax.schemas import Question, VqaAnswer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,12 @@ class Scorer(abc.ABC):
     @abc.abstractmethod
     def score(self, items: Sequence[ScoringItem]) -> np.ndarray:
         """Scores of `items`, shape (len(items),), float64."""
+
+    def score_with_answers(self, items: Sequence[ScoringItem]
+                           ) -> tuple[np.ndarray, list[tuple[VqaAnswer, ...]] | None]:
+        """Scores, and per item its per-question VQA answers; None from scorers that ask none
+        (every scorer but VQA)."""
+        return self.score(items), None
 
 
 def batches(n: int, batch_size: int) -> list[slice]:

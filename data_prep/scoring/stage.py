@@ -3,10 +3,10 @@
     agfsync-jax score --config=configs/sd15.py --workdir=DIR [--config.shard.index=i --config.shard.count=n]
 
 Per shard (prompts i::n by sorted id):
-1. score every candidate with the configured scorers, appending ScoreRow lines to
-   scores/scores-SHARD.jsonl; a re-run skips candidates already there (a crash costs at most the
-   batch in flight). A missing or corrupt image or latent skips that candidate, counted with its
-   path; a re-run tries it again.
+1. score every candidate with the configured scorers, appending ScoreRow lines (with the VQA
+   scorer's per-question answers) to scores/scores-SHARD.jsonl; a re-run skips candidates
+   already there (a crash costs at most the batch in flight). A missing or corrupt image or
+   latent skips that candidate, counted with its path; a re-run tries it again.
 2. pick the pairs (pairs.py), then write pairs/agfsync_pairs-train.tfrecord-SHARD atomically and
    pairs/summary-SHARD.json (this shard is then done and is skipped on a re-run).
 3. when every shard's summary exists: write the TFDS metadata, then pairs/_DONE.json. Whichever
@@ -21,6 +21,7 @@ the scorers are loaded, i.e. whenever a candidate is left to score.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,7 @@ def load_scores(path: Path, scorer_names: list[str], weights: dict[str, float]) 
         if missing:
             raise ValueError(f"{path}: candidate {row.prompt_id}/{row.instruction}/{row.candidate} has no "
                              f"{missing} score; delete the file to rescore with the current scorers")
-        updated.append(ScoreRow(prompt_id=row.prompt_id, candidate=row.candidate, scores=row.scores,
-                                total=weighted_total(row.scores, weights), scorers=row.scorers,
-                                instruction=row.instruction))
+        updated.append(dataclasses.replace(row, total=weighted_total(row.scores, weights)))
     n_lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.exists() else 0
     if n_lines != len(rows) or any(a.total != b.total for a, b in zip(rows, updated)):
         atomic_write_jsonl(path, [r.to_dict() for r in updated])
@@ -95,12 +94,16 @@ def _score_candidates(todo: list[Candidate], scorers: dict[str, Scorer], weights
                 ok.append((cand, ScoringItem(image=image, text=cand.text, questions=cand.questions)))
             if ok:
                 items = [item for _, item in ok]
-                values = {name: scorer.score(items) for name, scorer in scorers.items()}
+                values, answers = {}, None
+                for name, scorer in scorers.items():
+                    values[name], per_item = scorer.score_with_answers(items)
+                    answers = per_item if per_item is not None else answers
                 for j, (cand, _) in enumerate(ok):
                     scores = {name: float(values[name][j]) for name in scorers}
                     row = ScoreRow(prompt_id=cand.row.prompt_id, candidate=cand.row.candidate, scores=scores,
                                    total=weighted_total(scores, weights), scorers=versions,
-                                   instruction=cand.row.instruction)
+                                   instruction=cand.row.instruction,
+                                   vqa_answers=answers[j] if answers is not None else ())
                     appender.append(row.to_dict())
                     rows.append(row)
             progress.update(len(chunk))

@@ -171,8 +171,19 @@ def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path
     return _atomic_dir(Path(out), build)
 
 
+# The tiny aesthetic head's last layer: scaled, then shifted to the middle of AVA's 1-10 ratings.
+_AESTHETIC_HEAD_SCALE, _AESTHETIC_HEAD_SHIFT = 0.9, 5.5
+
+
 def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: int = 0) -> Path:
-    """A .pth state dict in the LAION aesthetic predictor's layout (layers.0/2/4/6/7), tiny widths."""
+    """A .pth state dict in the LAION aesthetic predictor's layout (layers.0/2/4/6/7), tiny widths.
+
+    A random head rates everything near 0, off the 1-10 AVA scale that aesthetic.py maps onto
+    0-100 (so its scores would be negative). Its last layer is therefore scaled by 0.9 and its
+    output shifted by 5.5, putting the ratings mid-scale as a trained head's are (scores near
+    50). With the 0.9 the score, 100 (0.9 r + 5.5 - 1) / 9 = 10 r + 50, keeps the spread that
+    10 x the unshifted rating r had, so candidates rank as they did before the shift.
+    """
     import torch
     from torch import nn
 
@@ -181,6 +192,9 @@ def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: 
     torch.manual_seed(seed)
     layers = nn.Sequential(nn.Linear(embed_dim, 16), nn.Dropout(0.2), nn.Linear(16, 8), nn.Dropout(0.2),
                            nn.Linear(8, 8), nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        layers[-1].weight.mul_(_AESTHETIC_HEAD_SCALE)
+        layers[-1].bias.mul_(_AESTHETIC_HEAD_SCALE).add_(_AESTHETIC_HEAD_SHIFT)
     state = {f"layers.{k}": v for k, v in layers.state_dict().items()}
     out = Path(out)
     buf = io.BytesIO()

@@ -14,6 +14,10 @@ the score is 100 x the mean over questions of:
   not reproduce that substring rule. Multiple-choice questions match on the whole normalised
   answer.
 
+Every question's result is kept as a schemas.VqaAnswer (question, element type, expected answer,
+the answer or P(yes), whether it counts as "yes", whether it is correct, and its credit) and
+written to ScoreRow.vqa_answers, so evaluation can report TIFA accuracy per element type.
+
 transformers 4.57's BLIP-2 expects `num_query_tokens` image placeholder tokens in `input_ids`;
 the processor inserts them once it knows `num_query_tokens`, which older folders do not store,
 so we set it from the model config.
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agfsync_jax.schemas import Question
+from agfsync_jax.schemas import Question, VqaAnswer
 from data_prep.scoring.scorer import Scorer, ScoringItem, batches
 
 MODES = ("likelihood", "generate")
@@ -57,6 +61,35 @@ def answer_is_correct(answer: str, question: Question) -> bool:
     if question.is_yes_no:
         return parse_yes_no(answer) == question.answer.lower()
     return normalize_answer(answer) == normalize_answer(question.answer)
+
+
+def likelihood_answer(question: Question, p_yes: float) -> VqaAnswer:
+    """A yes/no question answered by P(yes): "yes" when p_yes > 0.5; credit P(expected answer)."""
+    if not question.is_yes_no:
+        raise ValueError(f"likelihood mode answers yes/no questions only, not {question.question!r}")
+    if not 0.0 <= p_yes <= 1.0:
+        raise ValueError(f"P(yes) must be in [0, 1], got {p_yes}")
+    expected = question.answer.lower()
+    is_yes = p_yes > 0.5
+    answer = "yes" if is_yes else "no"
+    return VqaAnswer(question=question.question, element_type=question.element_type, expected=question.answer,
+                     answer=answer, is_yes=is_yes, p_yes=p_yes, correct=answer == expected,
+                     credit=p_yes if expected == "yes" else 1.0 - p_yes)
+
+
+def generated_answer(question: Question, text: str) -> VqaAnswer:
+    """A generated answer, parsed strictly; credit 1 when correct, else 0."""
+    correct = answer_is_correct(text, question)
+    return VqaAnswer(question=question.question, element_type=question.element_type, expected=question.answer,
+                     answer=text, is_yes=parse_yes_no(text) == "yes", p_yes=None, correct=correct,
+                     credit=1.0 if correct else 0.0)
+
+
+def score_from_answers(answers: Sequence[VqaAnswer]) -> float:
+    """The VQA score of one candidate: 100 x the mean credit over its questions."""
+    if not answers:
+        raise ValueError("a VQA score needs at least one answered question")
+    return 100.0 * sum(a.credit for a in answers) / len(answers)
 
 
 class VqaScorer(Scorer):
@@ -164,9 +197,8 @@ class VqaScorer(Scorer):
             answers += [a.strip() for a in self.processor.batch_decode(generated, skip_special_tokens=True)]
         return answers
 
-    def score(self, items: Sequence[ScoringItem]) -> np.ndarray:
-        if not items:
-            return np.zeros((0,))
+    def answers(self, items: Sequence[ScoringItem]) -> list[tuple[VqaAnswer, ...]]:
+        """Per item, one VqaAnswer per question, in the order of the item's questions."""
         images, texts, owners, expected = [], [], [], []
         for i, item in enumerate(items):
             if not item.questions:
@@ -179,13 +211,20 @@ class VqaScorer(Scorer):
                 texts.append(q.question)
                 owners.append(i)
                 expected.append(q)
+        if not texts:
+            return []
         if self.mode == "likelihood":
-            p_yes = self.yes_probabilities(images, texts)
-            correct = np.where([q.answer.lower() == "yes" for q in expected], p_yes, 1.0 - p_yes)
+            results = [likelihood_answer(q, float(p)) for q, p in zip(expected, self.yes_probabilities(images, texts))]
         else:
-            answers = self.generate_answers(images, texts)
-            correct = np.array([answer_is_correct(a, q) for a, q in zip(answers, expected)], dtype=np.float64)
-        owners_arr = np.asarray(owners)
-        sums = np.bincount(owners_arr, weights=correct, minlength=len(items))
-        counts = np.bincount(owners_arr, minlength=len(items))
-        return 100.0 * sums / counts
+            results = [generated_answer(q, a) for q, a in zip(expected, self.generate_answers(images, texts))]
+        per_item: list[list[VqaAnswer]] = [[] for _ in items]
+        for owner, result in zip(owners, results):
+            per_item[owner].append(result)
+        return [tuple(a) for a in per_item]
+
+    def score_with_answers(self, items: Sequence[ScoringItem]) -> tuple[np.ndarray, list[tuple[VqaAnswer, ...]]]:
+        answers = self.answers(items)
+        return np.array([score_from_answers(a) for a in answers], dtype=np.float64), answers
+
+    def score(self, items: Sequence[ScoringItem]) -> np.ndarray:
+        return self.score_with_answers(items)[0]

@@ -89,8 +89,24 @@ def test_aesthetic_head_matches_hand_computation(scorer_models, candidate_images
     state = torch.load(scorer_models["aesthetic_head"], weights_only=True)
     for i in (0, 2, 4, 6, 7):  # the LAION layout: Linear layers between dropouts, no activations
         x = x @ state[f"layers.{i}.weight"].double().numpy().T + state[f"layers.{i}.bias"].double().numpy()
-    np.testing.assert_allclose(got, 10.0 * x[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, 100.0 * (x[:, 0] - 1.0) / 9.0, rtol=1e-5, atol=1e-5)
     assert np.ptp(got) > 0
+    # The tiny head rates mid-scale like a trained one, so its scores are on 0-100.
+    assert np.all((got > 0) & (got < 100)), got
+
+
+def test_aesthetic_rating_scale_maps_1_to_10_onto_0_to_100():
+    from data_prep.scoring import aesthetic
+
+    np.testing.assert_allclose(aesthetic.rating_to_0_100([1.0, 5.5, 10.0, 4.6]), [0.0, 50.0, 100.0, 40.0],
+                               atol=1e-12)
+    # Linear and unclipped outside the nominal range: no ties at the ends of the scale.
+    np.testing.assert_allclose(aesthetic.rating_to_0_100([0.1, 10.9]), [-10.0, 110.0], atol=1e-12)
+    assert aesthetic.rating_to_0_100(7.3) == pytest.approx(70.0)
+    doc = " ".join(aesthetic.__doc__.split())
+    assert "stands in" in doc.lower() or "stand-in" in doc.lower()
+    assert "VILA" in doc and "no PyTorch port" in doc
+    assert "100 * (rating - 1) / (10 - 1)" in doc and "1 -> 0" in doc and "10 -> 100" in doc
 
 
 def test_aesthetic_head_file_errors_name_the_file(tmp_path):
@@ -138,11 +154,23 @@ def test_vqa_likelihood_is_a_probability_that_depends_on_the_image(vqa_folder, c
     single = np.array([scorer.yes_probabilities([im], [q])[0] for im, q in zip(candidate_images, questions)])
     np.testing.assert_allclose(p, single, atol=2e-5)
     # score = 100 x mean over questions of P(expected answer); a "no" question counts 1 - P(yes).
-    qs = (Question("is there a cat in the image?"), Question("is the car red?", answer="no"))
-    got = scorer.score(_items(candidate_images[:2], questions=qs))
+    qs = (Question("is there a cat in the image?", element_type="animal/human"),
+          Question("is the car red?", answer="no", element_type="color"))
+    got, answers = scorer.score_with_answers(_items(candidate_images[:2], questions=qs))
+    np.testing.assert_array_equal(scorer.score(_items(candidate_images[:2], questions=qs)), got)
+    assert len(answers) == 2
     for k in range(2):
         py = scorer.yes_probabilities([candidate_images[k]] * 2, [q.question for q in qs])
         assert got[k] == pytest.approx(100 * (py[0] + (1 - py[1])) / 2, abs=1e-3)
+        # Per question: the question's element type, P(yes), the answer it implies, its credit.
+        assert [(a.question, a.element_type, a.expected) for a in answers[k]] == [
+            ("is there a cat in the image?", "animal/human", "yes"), ("is the car red?", "color", "no")]
+        for a, p_yes in zip(answers[k], py):
+            assert a.p_yes == pytest.approx(p_yes, abs=2e-5) and 0.0 <= a.p_yes <= 1.0
+            assert a.is_yes == (a.p_yes > 0.5) and a.answer == ("yes" if a.is_yes else "no")
+            assert a.correct == (a.answer == a.expected)
+            assert a.credit == pytest.approx(a.p_yes if a.expected == "yes" else 1.0 - a.p_yes)
+        assert got[k] == pytest.approx(100 * np.mean([a.credit for a in answers[k]]), abs=1e-12)
 
 
 def test_vqa_generate_mode_runs_on_the_model(vqa_folder, candidate_images):
@@ -165,9 +193,52 @@ def test_generate_mode_parses_answers_strictly(vqa_folder, candidate_images, mon
     scorer = VqaScorer(path, "generate", CPU, F32)
     canned = ["Yes, there is.", "yesterday", "no", "nothing", "b", "yes"]
     monkeypatch.setattr(scorer, "generate_answers", lambda images, questions: canned[:len(questions)])
-    qs = (Question("q1?"), Question("q2?"))
+    qs = (Question("q1?", element_type="object"), Question("q2?", element_type="counting"))
     # Pairs of answers per item: (Yes, yesterday) (no, nothing) (b, yes) -> 1/2, 0/2, 1/2.
     np.testing.assert_allclose(scorer.score(_items(candidate_images[:3], questions=qs)), [50.0, 0.0, 50.0])
+    # Every answer is recorded as given, with the strict parse's verdict and the question's type.
+    _, answers = scorer.score_with_answers(_items(candidate_images[:3], questions=qs))
+    flat = [a for item in answers for a in item]
+    assert [a.answer for a in flat] == canned
+    assert [a.is_yes for a in flat] == [True, False, False, False, False, True]
+    assert [a.correct for a in flat] == [True, False, False, False, False, True]
+    assert [a.credit for a in flat] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert all(a.p_yes is None for a in flat)
+    assert [a.element_type for a in flat] == ["object", "counting"] * 3
+    # A "no" question is correct when the answer parses to no.
+    no_q = (Question("is it blue?", answer="no", element_type="color"),)
+    monkeypatch.setattr(scorer, "generate_answers", lambda images, questions: ["No."])
+    (only,), = scorer.score_with_answers(_items(candidate_images[:1], questions=no_q))[1]
+    assert (only.is_yes, only.correct, only.credit, only.expected) == (False, True, 1.0, "no")
+
+
+def test_vqa_answers_round_trip_through_score_rows():
+    import json
+
+    from agfsync_jax.schemas import SchemaError, ScoreRow, VqaAnswer
+    from data_prep.scoring.vqa import generated_answer, likelihood_answer, score_from_answers
+
+    answers = (likelihood_answer(Question("is there a cat?", element="cat", element_type="animal/human"), 0.8),
+               likelihood_answer(Question("is it wooden?", answer="no", element_type="material"), 0.3),
+               generated_answer(Question("is it red?", element_type="color"), "yes it is"))
+    assert [(a.answer, a.is_yes, a.correct) for a in answers] == [("yes", True, True), ("no", False, True),
+                                                                 ("yes it is", True, True)]
+    assert [a.credit for a in answers] == pytest.approx([0.8, 0.7, 1.0])
+    assert score_from_answers(answers) == pytest.approx(100 * 2.5 / 3)
+    row = ScoreRow(prompt_id="p", candidate=0, scores={"vqa": score_from_answers(answers)}, total=1.0,
+                   scorers={"vqa": "blip2-t5:x:likelihood"}, vqa_answers=answers)
+    back = ScoreRow.from_dict(json.loads(json.dumps(row.to_dict())))
+    assert back == row and isinstance(back.vqa_answers[0], VqaAnswer)
+    bad = row.to_dict()
+    bad["vqa_answers"][1]["element_type"] = "colour"
+    with pytest.raises(SchemaError, match=r"vqa_answers\[1\]: field 'element_type' is 'colour'"):
+        ScoreRow.from_dict(bad)
+    bad = row.to_dict()
+    bad["vqa_answers"][0]["p_yes"] = 1.5
+    with pytest.raises(SchemaError, match=r"vqa_answers\[0\]: field 'p_yes' must be in \[0, 1\]"):
+        ScoreRow.from_dict(bad)
+    with pytest.raises(SchemaError, match="expected a JSON object"):
+        ScoreRow.from_dict({**row.to_dict(), "vqa_answers": [0.5]})
 
 
 def test_parse_yes_no_is_not_a_substring_match():

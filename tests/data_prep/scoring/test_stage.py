@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 
-def _q(text: str, element: str) -> dict:
-    return {"question": text, "answer": "yes", "element": element, "element_type": "object"}
+def _q(text: str, element: str, element_type: str = "object") -> dict:
+    return {"question": text, "answer": "yes", "element": element, "element_type": element_type}
 
 
 RECORDS = [
     {"id": "p0", "category": "animals", "prompt": "a red cat on a table", "source": "test",
-     "questions": [_q("is there a cat?", "cat"), _q("is the cat red?", "red")]},
+     "questions": [_q("is there a cat?", "cat", "animal/human"), _q("is the cat red?", "red", "color")]},
     {"id": "p1", "category": "transportation", "prompt": "a blue car near the river", "source": "test",
      "questions": [_q("is there a car?", "car")]},
     {"id": "p2", "category": "plants", "prompt": "a tree", "source": "test", "questions": []},
@@ -89,13 +89,22 @@ def test_stage_scores_pairs_and_tfds_round_trip(scorer_models, workdir, capsys):
     expected_rows = 6 * NUM_CANDIDATES - 3 - 3  # (p0..p3, ie0 x 2 instructions), minus bad, minus p2
     assert summary["scored"] == expected_rows and summary["already_scored"] == 0
 
-    from agfsync_jax.schemas import ScoreRow, read_jsonl
-    rows = list(read_jsonl(workdir / "scores" / "scores-00000-of-00001.jsonl", ScoreRow.from_dict))
+    from agfsync_jax.schemas import PromptRecord, ScoreRow, read_jsonl
+    scores_path = workdir / "scores" / "scores-00000-of-00001.jsonl"
+    rows = list(read_jsonl(scores_path, ScoreRow.from_dict))
     assert len(rows) == expected_rows
+    records = {r["id"]: PromptRecord.from_dict(r) for r in RECORDS}
     for r in rows:
         assert set(r.scores) == {"vqa", "clip", "aesthetic", "pickscore"}
         assert r.scorers["vqa"].endswith(":likelihood")
         assert 0.0 <= r.scores["vqa"] <= 100.0
+        # One answer per question of the candidate's instruction, with its element type.
+        record = records[r.prompt_id]
+        questions = record.questions_2 if r.instruction == 1 else record.questions
+        assert [(a.question, a.element_type) for a in r.vqa_answers] == [(q.question, q.element_type)
+                                                                        for q in questions]
+        assert all(0.0 <= a.p_yes <= 1.0 and a.is_yes == (a.p_yes > 0.5) for a in r.vqa_answers)
+        assert r.scores["vqa"] == pytest.approx(100 * np.mean([a.credit for a in r.vqa_answers]), abs=1e-9)
         expected_total = 0.35 * r.scores["vqa"] + 0.55 * r.scores["clip"] + 0.10 * r.scores["aesthetic"]
         assert r.total == pytest.approx(expected_total)  # pickscore recorded, not weighted
 
@@ -132,6 +141,9 @@ def test_stage_scores_pairs_and_tfds_round_trip(scorer_models, workdir, capsys):
             back = np.frombuffer(ex[f"{side}_latent"], dtype=np.float16).reshape(shape)
             assert back.tobytes() == original.astype(np.float16).tobytes()  # bitwise
             assert ex[f"{side}_png"] == (cand / "images" / f"{stem}.png").read_bytes()
+
+    # Stored rows read back for re-pairing keep their per-question answers.
+    assert stage.load_scores(scores_path, summary["scorers"], summary["weights"]) == rows
 
     # A finished shard is skipped on a re-run.
     again = stage.run(_config(scorer_models), str(workdir))
