@@ -123,7 +123,12 @@ def test_loss_is_log2_at_initialisation_with_nonzero_gradient(setup, name):
         grad_norm = float(optax.tree.norm(grads))
     assert loss.dtype == jnp.float64
     assert abs(float(loss) - math.log(2)) < 1e-6
-    assert float(metrics["implicit_acc"]) == 0.0
+    # Policy == reference, so every margin is 0 up to rounding: XLA compiles the differentiated
+    # (policy) and the plain (reference) forward into different fusions, whose float64 results
+    # differ in the last bits on some CPUs, so the sign of each margin (implicit_acc) is not
+    # asserted here; that exact ties never count as correct is test_losses.py's job.
+    print(f"{name}: reward margin at initialisation {float(metrics['reward_margin']):.3e}")
+    assert abs(float(metrics["reward_margin"])) < 1e-9  # measured: 0 (dpo), 7e-14 (cross_dpo)
     assert grad_norm > 1e-3
 
 
