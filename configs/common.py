@@ -16,6 +16,11 @@ def base_config() -> ml_collections.ConfigDict:
     # builds a tiny random pipeline into WORKDIR/base_model and loads it from there.
     c.model.path = ""
     c.model.tiny = ""  # "" | "sd1" | "sdxl"
+    # > 0: pretrain the tiny UNet into a denoiser of synthetic latents before use (configs/tiny.py;
+    # agfsync_jax/models/tiny_pretrain.py says why). Part of the cached WORKDIR/base_model.
+    c.model.tiny_pretrain_steps = 0
+    c.model.tiny_pretrain_batch_size = 64
+    c.model.tiny_pretrain_learning_rate = 1e-3
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # "bfloat16" for bf16 activations and matmuls
     c.model.resolution = 512

@@ -150,26 +150,74 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> Any:
                                      scheduler=scheduler, force_zeros_for_empty_prompt=True)
 
 
-def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, safetensors: bool = True) -> Path:
-    """Builds and saves a tiny pipeline; the folder appears whole or not at all."""
+# What a tiny base model folder was built with, so that a cached one that no longer matches
+# the config is refused instead of silently reused.
+BUILD_RECORD = "tiny_model.json"
+
+
+def build_record(family: str, seed: int, pretrain_steps: int = 0, pretrain_batch_size: int = 64,
+                 pretrain_learning_rate: float = 1e-3) -> dict[str, Any]:
+    """The fields that decide a tiny model's weights (the pretraining ones only when it is pretrained)."""
+    record: dict[str, Any] = {"family": family, "seed": int(seed), "pretrain_steps": int(pretrain_steps)}
+    if pretrain_steps:
+        record.update(pretrain_batch_size=int(pretrain_batch_size),
+                      pretrain_learning_rate=float(pretrain_learning_rate))
+    return record
+
+
+def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, safetensors: bool = True,
+                       pretrain_steps: int = 0, pretrain_batch_size: int = 64,
+                       pretrain_learning_rate: float = 1e-3) -> Path:
+    """Builds and saves a tiny pipeline; the folder appears whole or not at all.
+
+    With `pretrain_steps` > 0 the UNet is first pretrained into a denoiser of synthetic latents
+    (`agfsync_jax.models.tiny_pretrain`) and saved as safetensors whatever `safetensors` says.
+    """
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
+    record = build_record(family, seed, pretrain_steps, pretrain_batch_size, pretrain_learning_rate)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        build_tiny_pipeline(family, seed).save_pretrained(tmp, safe_serialization=safetensors)
-        tmp.rename(out)
-    except BaseException:
+        final = tmp / "random"
+        build_tiny_pipeline(family, seed).save_pretrained(final, safe_serialization=safetensors)
+        if pretrain_steps:
+            from agfsync_jax import export
+            from agfsync_jax.models import loading, tiny_pretrain
+
+            params, losses = tiny_pretrain.pretrain_unet(
+                loading.load_stable_diffusion(final), steps=pretrain_steps, batch_size=pretrain_batch_size,
+                learning_rate=pretrain_learning_rate, seed=seed)
+            record["pretrain_loss_first_last"] = [losses[0], losses[-1]]
+            final = export.export_pipeline(final, params, tmp / "pretrained")
+        (final / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        final.rename(out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _check_build(folder: Path, expected: dict[str, Any]) -> None:
+    """Raises if the cached tiny model in `folder` was built with other settings than `expected`."""
+    path = folder / BUILD_RECORD
+    # Folders from before the build record existed hold random, unpretrained models.
+    legacy = not path.is_file()
+    found = {"pretrain_steps": 0} if legacy else json.loads(path.read_text())
+    for key in ("pretrain_steps",) if legacy else tuple(expected):
+        if found.get(key) != expected[key]:
+            where = f"no {BUILD_RECORD}" if legacy else str(path)
+            raise ValueError(f"{folder} holds a tiny model built with {key}={found.get(key)!r} ({where}), but "
+                             f"the config asks for {expected[key]!r}: remove {folder} to rebuild it, or use "
+                             "another workdir")
 
 
 def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     """The base model folder of a run: `model.path`, or the tiny model under WORKDIR/base_model.
 
-    The tiny model is built on first use; the build is deterministic, so it is cached.
+    The tiny model is built on first use (and pretrained when `model.tiny_pretrain_steps` > 0);
+    the build is deterministic, so it is cached, and a cached one built with other settings is
+    refused rather than reused.
     """
     if config.model.path and config.model.tiny:
         raise ValueError("set either model.path or model.tiny, not both")
@@ -178,8 +226,13 @@ def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     if not config.model.tiny:
         raise ValueError("no base model: set model.path (a diffusers folder) or model.tiny (sd1|sdxl)")
     out = Path(workdir) / workdir_lib.BASE_MODEL
-    if not out.exists():
-        save_tiny_pipeline(config.model.tiny, out, seed=config.seed)
+    m = config.model
+    settings = dict(pretrain_steps=m.tiny_pretrain_steps, pretrain_batch_size=m.tiny_pretrain_batch_size,
+                    pretrain_learning_rate=m.tiny_pretrain_learning_rate)
+    if out.exists():
+        _check_build(out, build_record(m.tiny, config.seed, **settings))
+    else:
+        save_tiny_pipeline(m.tiny, out, seed=config.seed, **settings)
     return out
 
 

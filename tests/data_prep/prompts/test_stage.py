@@ -203,7 +203,7 @@ def test_cli_runs_the_stage(tmp_path):
          f"--workdir={tmp_path}", "--config.prompts.instruction_pairs=3"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    per_category = 2  # configs/tiny.py
+    per_category = 8  # configs/tiny.py
     made = 12 * per_category + 3
     assert f"prompts: made {made} ({12 * per_category} prompts, 3 pairs" in proc.stdout
     assert len(read_prompts(tmp_path / PROMPTS_FILE)) == made
