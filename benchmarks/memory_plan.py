@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from agfsync_jax.models import remat as remat_lib  # imports jax, whose backend reads XLA_FLAGS later
 from benchmarks import common
 
 # Diffusers' SD1.x / SDXL training scheduler (scaled-linear betas, epsilon prediction).
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="pairs per device")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--remat_scope", choices=("unet", "blocks", "layers"), default="layers",
+    parser.add_argument("--remat_scope", choices=remat_lib.SCOPES, default="layers",
                         help="with --remat: one checkpoint for the whole UNet, or one per block / layer")
     parser.add_argument("--remat_policy", default=None,
                         help="with --remat: a jax.checkpoint_policies name (default: the config's)")

@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     # --- model -------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
     # A local diffusers-format folder (SD1.4/1.5 or SDXL layout). Empty with `tiny` set: the run
-    # builds a tiny random pipeline into WORKDIR/base_model and loads it from there.
+    # builds a tiny pipeline into WORKDIR/base_model and loads it from there.
     c.model.path = ""
     c.model.tiny = ""  # "" | "sd1" | "sdxl"
     # > 0: pretrain the tiny UNet into a denoiser of synthetic latents before use (configs/tiny.py;

@@ -5,7 +5,7 @@
         agfsync-jax train --config=configs/tiny.py --workdir=/tmp/run
 
 Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (read by
-agfsync_jax.training.distributed) and its own simulated CPU devices. Output lines are prefixed
+agfsync_jax.distributed) and its own simulated CPU devices. Output lines are prefixed
 with the process id. If any process fails, the others are stopped and the exit code is non-zero.
 """
 

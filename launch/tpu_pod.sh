@@ -8,7 +8,7 @@
 #   launch/tpu_pod.sh bash -c 'git clone <your fork> agfsync-jax && cd agfsync-jax && \
 #       python3 -m venv .venv && .venv/bin/pip install "jax[tpu]" -e .'
 # On TPU, JAX_DISTRIBUTED_AUTO=1 lets jax.distributed.initialize() find the coordinator and
-# process ids by itself (agfsync_jax/training/distributed.py).
+# process ids by itself (agfsync_jax/distributed.py).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REPO_DIR=${REPO_DIR:-agfsync-jax}

@@ -9,6 +9,7 @@ exactly the path a user's SD1.5 or SDXL folder takes (`models.loading`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -155,40 +156,55 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> Any:
 BUILD_RECORD = "tiny_model.json"
 
 
-def build_record(family: str, seed: int, pretrain_steps: int = 0, pretrain_batch_size: int = 64,
-                 pretrain_learning_rate: float = 1e-3) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+    """How the tiny UNet is pretrained (`agfsync_jax.models.tiny_pretrain`); defaults live in the config."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+
+    @classmethod
+    def from_config(cls, model: Any) -> "Pretraining | None":
+        """From `config.model.tiny_pretrain_*`; None when `tiny_pretrain_steps` is 0."""
+        if not model.tiny_pretrain_steps:
+            return None
+        return cls(int(model.tiny_pretrain_steps), int(model.tiny_pretrain_batch_size),
+                   float(model.tiny_pretrain_learning_rate))
+
+
+def build_record(family: str, seed: int, pretraining: Pretraining | None = None) -> dict[str, Any]:
     """The fields that decide a tiny model's weights (the pretraining ones only when it is pretrained)."""
-    record: dict[str, Any] = {"family": family, "seed": int(seed), "pretrain_steps": int(pretrain_steps)}
-    if pretrain_steps:
-        record.update(pretrain_batch_size=int(pretrain_batch_size),
-                      pretrain_learning_rate=float(pretrain_learning_rate))
+    record: dict[str, Any] = {"family": family, "seed": int(seed),
+                              "pretrain_steps": pretraining.steps if pretraining else 0}
+    if pretraining:
+        record.update(pretrain_batch_size=pretraining.batch_size, pretrain_learning_rate=pretraining.learning_rate)
     return record
 
 
 def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, safetensors: bool = True,
-                       pretrain_steps: int = 0, pretrain_batch_size: int = 64,
-                       pretrain_learning_rate: float = 1e-3) -> Path:
+                       pretraining: Pretraining | None = None) -> Path:
     """Builds and saves a tiny pipeline; the folder appears whole or not at all.
 
-    With `pretrain_steps` > 0 the UNet is first pretrained into a denoiser of synthetic latents
+    With `pretraining` the UNet is first pretrained into a denoiser of synthetic latents
     (`agfsync_jax.models.tiny_pretrain`) and saved as safetensors whatever `safetensors` says.
     """
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
-    record = build_record(family, seed, pretrain_steps, pretrain_batch_size, pretrain_learning_rate)
+    record = build_record(family, seed, pretraining)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         final = tmp / "random"
         build_tiny_pipeline(family, seed).save_pretrained(final, safe_serialization=safetensors)
-        if pretrain_steps:
+        if pretraining:
             from agfsync_jax import export
             from agfsync_jax.models import loading, tiny_pretrain
 
             params, losses = tiny_pretrain.pretrain_unet(
-                loading.load_stable_diffusion(final), steps=pretrain_steps, batch_size=pretrain_batch_size,
-                learning_rate=pretrain_learning_rate, seed=seed)
+                loading.load_stable_diffusion(final), steps=pretraining.steps, batch_size=pretraining.batch_size,
+                learning_rate=pretraining.learning_rate, seed=seed)
             record["pretrain_loss_first_last"] = [losses[0], losses[-1]]
             final = export.export_pipeline(final, params, tmp / "pretrained")
         (final / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -226,14 +242,24 @@ def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     if not config.model.tiny:
         raise ValueError("no base model: set model.path (a diffusers folder) or model.tiny (sd1|sdxl)")
     out = Path(workdir) / workdir_lib.BASE_MODEL
-    m = config.model
-    settings = dict(pretrain_steps=m.tiny_pretrain_steps, pretrain_batch_size=m.tiny_pretrain_batch_size,
-                    pretrain_learning_rate=m.tiny_pretrain_learning_rate)
+    pretraining = Pretraining.from_config(config.model)
     if out.exists():
-        _check_build(out, build_record(m.tiny, config.seed, **settings))
+        _check_build(out, build_record(config.model.tiny, config.seed, pretraining))
     else:
-        save_tiny_pipeline(m.tiny, out, seed=config.seed, **settings)
+        save_tiny_pipeline(config.model.tiny, out, seed=config.seed, pretraining=pretraining)
     return out
+
+
+def resolve_base_model_on_every_process(config: Any, workdir: str | Path) -> Path:
+    """`resolve_base_model` for code that every process runs: a tiny model is built by process 0
+    only and the others wait for it (several builders would race for WORKDIR/base_model)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        resolve_base_model(config, workdir)
+    multihost_utils.sync_global_devices("agfsync:base_model")
+    return resolve_base_model(config, workdir)
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:

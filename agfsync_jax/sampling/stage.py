@@ -27,7 +27,7 @@ from agfsync_jax import atomic_io, sharding
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, detect_family, load_stable_diffusion
-from agfsync_jax.models.tiny import resolve_base_model
+from agfsync_jax.models.tiny import resolve_base_model_on_every_process
 from agfsync_jax.sampling import batching, candidates, outputs
 from agfsync_jax.sampling.compile_count import CompileCounter
 from agfsync_jax.sampling.program import SamplingProgram, check_batch_layout
@@ -163,7 +163,7 @@ def _plan(config: Any, workdir: Path, is_lead: bool) -> _Plan:
         raise FileNotFoundError(f"{prompts_path}: no prompts; run the `prompts` stage first")
     out_dir = workdir / workdir_lib.CANDIDATES
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_base_model(config, workdir)
+    model_path = resolve_base_model_on_every_process(config, workdir)
     family = detect_family(model_path)
     outputs.check_settings(out_dir, _settings(config, family), write=is_lead)
 
@@ -230,6 +230,9 @@ def _generate(config: Any, plan: _Plan, mesh: Any, num_batches: int, is_lead: bo
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Generates every missing or damaged candidate of this process's shard; returns the summary."""
+    from agfsync_jax import distributed
+
+    distributed.initialize()  # under a multi-process launcher; a no-op for one process
     is_lead = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(config.sampling.batch_size, config.sampling.microbatch, mesh.devices.size,

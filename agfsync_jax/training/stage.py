@@ -24,7 +24,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             print(f"train: complete at step {summary['step']}, skipped ({done})")
             return summary
     # Import JAX only now: joining the process group must precede any use of a device.
-    from agfsync_jax.training import distributed, train
+    from agfsync_jax import distributed
+    from agfsync_jax.training import train
 
     distributed.initialize()
     summary = train.train_and_evaluate(config, workdir)

@@ -33,7 +33,7 @@ from agfsync_jax import atomic_io, sharding, workdir as workdir_lib
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, StableDiffusion, load_stable_diffusion
 from agfsync_jax.models.text_encoding import sdxl_time_ids
-from agfsync_jax.models.tiny import resolve_base_model
+from agfsync_jax.models.tiny import resolve_base_model_on_every_process
 from agfsync_jax.schemas import PAIR_CROSS
 from agfsync_jax.training import checkpointing, losses, noise as noise_lib, text as text_lib
 from agfsync_jax.training.objective import Conditioning, make_denoiser
@@ -111,14 +111,6 @@ def _validate(config: Any, mesh: jax.sharding.Mesh) -> None:
     if int(cfg.batch_size) % per_micro:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be a multiple of devices ({mesh.size}) x "
                          f"grad_accum_steps ({cfg.grad_accum_steps}) = {per_micro}")
-
-
-def _base_model(config: Any, workdir: str | Path) -> Path:
-    """The base model folder; a tiny one is built by process 0 only, the others wait for it."""
-    if jax.process_index() == 0:
-        path = resolve_base_model(config, workdir)
-    multihost_utils.sync_global_devices("agfsync:base_model")
-    return path if jax.process_index() == 0 else resolve_base_model(config, workdir)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -282,7 +274,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     _validate(config, mesh)  # before loading anything
     if cfg.loss == "released_code_dpo" and float(cfg.beta) != 1.0:
         logging.warning("train.loss=released_code_dpo with beta=%s; the authors' code uses beta=1", cfg.beta)
-    base = _base_model(config, workdir)
+    base = resolve_base_model_on_every_process(config, workdir)
     sd = load_stable_diffusion(base, DtypePolicy.from_config(config.model),
                                components=("unet", "text_encoders"))
     setup = build_training(config, sd, mesh)

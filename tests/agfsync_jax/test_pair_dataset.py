@@ -103,7 +103,7 @@ def test_two_processes_read_disjoint_slices_covering_the_dataset(pair_dir):
 # phase) restore that position in a new PairDataset and read the next batch.
 WORKER = textwrap.dedent("""
     import json, sys
-    from agfsync_jax.training import distributed
+    from agfsync_jax import distributed
     distributed.initialize()
     import jax
     from agfsync_jax.pair_dataset import PairDataset

@@ -102,3 +102,20 @@ def test_local_launcher_trains_with_two_processes(demo, tmp_path):
     summary = json.loads((run_dir / "train" / "_DONE.json").read_text())
     assert summary["step"] == 2
     assert (run_dir / "train" / "checkpoints" / "2").is_dir()
+
+
+def test_two_processes_sample_with_one_tiny_model_build(demo, tmp_path):
+    """Every process runs the sample stage, which builds the tiny base model on first use: only
+    process 0 may build it (two builders race for WORKDIR/base_model), the other waits."""
+    workdir, _ = demo
+    run_dir = tmp_path / "two-process-sample"
+    run_dir.mkdir()
+    shutil.copytree(workdir / "prompts", run_dir / "prompts")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2", "--devices_per_process=1", "--",
+         sys.executable, "-m", "agfsync_jax.main", "sample", f"--config={CONFIG}", f"--workdir={run_dir}",
+         "--config.model.tiny_pretrain_steps=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert json.loads((run_dir / "base_model" / "tiny_model.json").read_text())["pretrain_steps"] == 0
+    assert (run_dir / "candidates" / "_DONE.json").is_file()

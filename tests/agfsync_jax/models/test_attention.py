@@ -13,20 +13,10 @@ from agfsync_jax.training.objective import Conditioning, make_denoiser
 
 
 @pytest.mark.parametrize("family", ["tiny_sd1", "tiny_sdxl"])
-def test_fused_attention_matches_diffusers_forward_and_gradient(family, request):
+def test_fused_attention_matches_diffusers_forward_and_gradient(family, request, unet_inputs):
     sd = request.getfixturevalue(family)
     unet = sd.unet
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    b, size = 2, 16
-    x = jax.random.normal(keys[0], (b, 4, size, size))
-    t = jnp.array([10, 700])
-    cond = Conditioning(jax.random.normal(keys[1], (b, 77, unet.config["cross_attention_dim"])))
-    if sd.family == "sdxl":
-        pooled = (unet.config["projection_class_embeddings_input_dim"]
-                  - 6 * unet.config["addition_time_embed_dim"])
-        cond = Conditioning(cond.embeds, jax.random.normal(keys[2], (b, pooled)),
-                            jnp.tile(jnp.array([[32.0, 32, 0, 0, 32, 32]]), (b, 1)))
-    target = jax.random.normal(keys[3], x.shape)
+    x, t, cond, target = unet_inputs(sd)
 
     def loss(denoiser):
         return jax.value_and_grad(lambda p: jnp.mean((denoiser(p, x, t, cond) - target) ** 2))

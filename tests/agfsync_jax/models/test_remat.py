@@ -13,26 +13,11 @@ import pytest
 from agfsync_jax.training.objective import Conditioning, make_denoiser
 
 
-def _inputs(sd):
-    unet = sd.unet
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    b, size = 2, 16
-    x = jax.random.normal(keys[0], (b, 4, size, size))
-    t = jnp.array([10, 700])
-    cond = Conditioning(jax.random.normal(keys[1], (b, 77, unet.config["cross_attention_dim"])))
-    if sd.family == "sdxl":
-        pooled = (unet.config["projection_class_embeddings_input_dim"]
-                  - 6 * unet.config["addition_time_embed_dim"])
-        cond = Conditioning(cond.embeds, jax.random.normal(keys[2], (b, pooled)),
-                            jnp.tile(jnp.array([[32.0, 32, 0, 0, 32, 32]]), (b, 1)))
-    return x, t, cond, jax.random.normal(keys[3], x.shape)
-
-
 @pytest.mark.parametrize("family,scope,attention", [
     ("tiny_sd1", "layers", "diffusers"), ("tiny_sdxl", "blocks", "fused")])
-def test_per_module_remat_keeps_outputs_and_gradients(family, scope, attention, request):
+def test_per_module_remat_keeps_outputs_and_gradients(family, scope, attention, request, unet_inputs):
     sd = request.getfixturevalue(family)
-    x, t, cond, target = _inputs(sd)
+    x, t, cond, target = unet_inputs(sd)
 
     def grads(denoiser):
         return jax.jit(jax.value_and_grad(

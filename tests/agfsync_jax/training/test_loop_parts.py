@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from agfsync_jax import sharding
-from agfsync_jax.training import distributed, losses, train
+from agfsync_jax import distributed
+from agfsync_jax.training import losses, train
 
 
 def test_launcher_arguments_from_the_environment():
