@@ -4,7 +4,7 @@
 
 Needs no network and no weights (`make demo` runs it; about 5 minutes on 2 CPU cores, 3.3 of them
 pretraining). The tiny UNet is first pretrained for 300 steps into a denoiser of synthetic latents
-that differ in smoothness (agfsync_jax/models/tiny_pretrain.py); the VAE, text encoder and
+that differ in smoothness (agfsync_jax/tiny/pretrain.py); the VAE, text encoder and
 scorers stay random, so the images are texture-like. A random UNet gives DPO nothing to learn
 (docs/tiny_closed_loop.md); the pretrained one does: on 96 prompts the finetuned model should beat
 the base on the training reward, 70 wins / 26 losses (sign test p = 4e-6) when measured. Use
@@ -13,7 +13,7 @@ for a random UNet.
 """
 
 from configs import common
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 
 
 def get_config():

@@ -116,8 +116,19 @@ def win_rate_plot(win_rates: dict[str, dict[str, float]]) -> bytes:
     return buf.getvalue()
 
 
+def _prompt_set_lines(prompt_set: dict[str, Any] | None) -> list[str]:
+    if not prompt_set:
+        return []
+    by_cat = ", ".join(f"{c} {n}/{m}" for c, (n, m) in prompt_set["by_category"].items())
+    seen = prompt_set.get("dropped_seen_in_training")
+    return [f"Prompt set `{prompt_set['name']}` ({prompt_set['source']}): {prompt_set['selected']} of "
+            f"{prompt_set['available']} prompts, drawn stratified by category ({by_cat})"
+            + (f"; {seen} prompt(s) that training saw were left out" if seen else "") + ".", ""]
+
+
 def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str, title: str) -> str:
     lines = [f"# {title}", "", f"{metrics['num_prompts']} prompts, same seed for base and finetuned.", ""]
+    lines += _prompt_set_lines(metrics.get("prompt_set"))
     lines += ["## Mean scores (95% bootstrap CI)", "", "| score | base | finetuned |", "|---|---|---|"]
     for name, base in metrics["scores"]["base"].items():
         fine = metrics["scores"]["finetuned"][name]
@@ -157,9 +168,13 @@ def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str
 
 
 def write_report(items: Sequence[EvalItem], out_dir: str | Path, grid_prompts: int = 8, seed: int = 0,
-                 title: str = "agfsync-jax evaluation") -> dict[str, Any]:
+                 title: str = "agfsync-jax evaluation", prompt_set: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes metrics.json, report.md, the grids and the plot to `out_dir`; `prompt_set` is the
+    selection summary (`prompt_selection.stratified_sample`) the report states."""
     out_dir = Path(out_dir)
     metrics = compute_metrics(items, seed=seed)
+    if prompt_set is not None:
+        metrics["prompt_set"] = prompt_set
     grid_files = []
     for start in range(0, min(grid_prompts, len(items)), 4):
         name = f"grid_{start // 4:02d}.png"

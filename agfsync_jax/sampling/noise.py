@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from agfsync_jax.sampling.denoise import Conditioning
+from agfsync_jax.models.denoiser import Conditioning
 
 # Pinned so that a different `jax_default_prng_impl` cannot change the candidates of a seed.
 PRNG_IMPL = "threefry2x32"

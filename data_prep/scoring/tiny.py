@@ -66,7 +66,7 @@ def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = N
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from agfsync_jax.models.tiny import write_tokenizer_files
+    from agfsync_jax.tiny.tokenizer import write_tokenizer_files
 
     def build(tmp: Path) -> None:
         tok_dir = tmp / "_tokenizer_src"
@@ -90,7 +90,7 @@ def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = N
     return _atomic_dir(Path(out), build)
 
 
-def _opt_tokenizer():
+def opt_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import GPT2TokenizerFast
 
@@ -106,7 +106,7 @@ def _opt_tokenizer():
                              unk_token="<unk>")
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import T5TokenizerFast
 
@@ -140,7 +140,7 @@ def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path
         raise ValueError(f"language_model is {language_model!r}; expected one of {LANGUAGE_MODELS}")
 
     def build(tmp: Path) -> None:
-        tokenizer = _opt_tokenizer() if language_model == "opt" else _t5_tokenizer()
+        tokenizer = opt_tokenizer() if language_model == "opt" else t5_tokenizer()
         for word in ("yes", "no"):
             if len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) != 1:
                 raise AssertionError(f"tiny {language_model} tokenizer splits {word!r}")
@@ -227,7 +227,8 @@ def save_tiny_scorers(out_dir: str | Path, seed: int = 0, language_model: str = 
 
 def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> Any:
     """A copy of the scoring config; with scoring.tiny set, its model paths point at tiny random
-    scorers built (once, deterministically) under WORKDIR/scores/tiny_models."""
+    scorers built (once, deterministically) under `scoring.tiny_models_dir` (default
+    WORKDIR/scores/tiny_models; the eval stage points it at the training run's)."""
     from agfsync_jax import workdir as workdir_lib
 
     resolved = scoring.copy_and_resolve_references()
@@ -236,7 +237,7 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     already = [f for f in TINY_FIELDS if getattr(scoring, f)]
     if already:
         raise ValueError(f"set either scoring.tiny or the scorer paths, not both (set: {already})")
-    root = Path(workdir) / workdir_lib.SCORES / _TINY_DIR
+    root = Path(scoring.tiny_models_dir) if scoring.tiny_models_dir else Path(workdir) / workdir_lib.SCORES / _TINY_DIR
     if not root.is_dir():
         def build(tmp: Path) -> None:
             save_tiny_scorers(tmp, seed=seed)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 from agfsync_jax.sampling import batching, candidates, schedulers
 from agfsync_jax.sampling.work_plan import Example
 

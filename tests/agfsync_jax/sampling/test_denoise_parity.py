@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from agfsync_jax.models.text_encoding import encode_tokens, sdxl_time_ids, tokenize
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 from agfsync_jax.sampling import schedulers
-from agfsync_jax.sampling.denoise import Conditioning, denoise, flax_unet
+from agfsync_jax.models.denoiser import Conditioning, make_denoiser
+from agfsync_jax.sampling.denoise import denoise
 
 STEPS = 10
 GUIDANCE = 7.5
@@ -86,7 +87,7 @@ def test_final_latents_match_pytorch_pipeline(family, scheduler, request):
     scheduler_config = {**sd.scheduler_config, **REAL_SD_SCHEDULER_FIELDS}
     sched = schedulers.make_scheduler(scheduler, scheduler_config, STEPS)
     time_ids = None if pooled is None else sdxl_time_ids(TINY_RESOLUTION, len(PROMPTS))
-    ours = np.asarray(_ours(flax_unet(sd.unet.module), sched, sd.unet.params, latents,
+    ours = np.asarray(_ours(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
                             Conditioning(embeds, pooled, time_ids), Conditioning(neg, neg_pooled, time_ids)))
 
     pipe = _pipeline(family, path, scheduler, scheduler_config)

@@ -196,10 +196,9 @@ def test_stage_shards_merge_into_one_dataset(workdir):
 
 
 def test_score_stage_is_registered():
-    from agfsync_jax import main
+    from agfsync_jax import stages
 
-    module, fn, _ = main.STAGES["score"]
-    assert (module, fn) == ("data_prep.scoring.stage", "run")
+    assert stages.get("score").module == "data_prep.scoring.stage" and stages.get("score").in_pipeline
 
 
 def test_tiny_scorers_and_explicit_paths_exclude_each_other(tmp_path):
