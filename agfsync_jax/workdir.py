@@ -9,6 +9,7 @@ WORKDIR/
   train/        orbax checkpoints, TensorBoard events, config.json
   export/       diffusers pipeline folder
   eval/         metrics.json, report.md, grids
+    judge/      the VLM judge's judgments.jsonl, summary.json and reply cache
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ PAIRS = "pairs"
 TRAIN = "train"
 EXPORT = "export"
 EVAL = "eval"
+JUDGE = "eval/judge"
+JUDGE_JUDGMENTS = "eval/judge/judgments.jsonl"
+JUDGE_SUMMARY = "eval/judge/summary.json"
 
 # A stage writes this file last, atomically; its presence means "complete, skip on re-run".
 DONE_MARKER = "_DONE.json"

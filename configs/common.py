@@ -169,4 +169,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_prompts = 64
     c.eval.seed = 200  # the paper's figure seed
     c.eval.grid_prompts = 8
+    # VLM judge (the paper's Table 2, GPT-4V there): an OpenAI-compatible chat endpoint with
+    # image input answers three pairwise questions per eval prompt, in both image orders.
+    # base_url and model both "" -> off.
+    c.eval.judge = ml_collections.ConfigDict()
+    c.eval.judge.base_url = ""  # e.g. "https://api.openai.com/v1" or a vLLM server's /v1
+    c.eval.judge.model = ""  # a vision chat model, e.g. "gpt-4o"
+    c.eval.judge.api_key_env = "OPENAI_API_KEY"  # "" for servers that need no key
+    c.eval.judge.max_concurrency = 4  # requests in flight
+    c.eval.judge.timeout_s = 120.0  # per request; a timeout is retried
+    c.eval.judge.max_retries = 5  # on 429, 5xx, timeouts; a refused connection or 401 fails at once
+    c.eval.judge.backoff_initial_s = 1.0
+    c.eval.judge.backoff_max_s = 60.0
+    c.eval.judge.cache_dir = ""  # "" -> WORKDIR/eval/judge/cache
     return c
