@@ -43,6 +43,9 @@ STAGES: tuple[Stage, ...] = (
           owns=(workdir_lib.EXPORT,), in_pipeline=True),
     Stage("eval", "agfsync_jax.evaluation.stage", "base vs finetuned: win rates, scores, image grids (eval/)",
           owns=(workdir_lib.EVAL,), in_pipeline=True),
+    Stage("judge", "data_prep.judge.stage",
+          "a VLM judge compares base and finetuned images of an eval set (run by `eval` when eval.judge.* is set; "
+          "--workdir=WORKDIR/eval/<set>)", light=True),
     Stage("pipeline", "agfsync_jax.pipeline", "every pipeline stage in order, skipping finished ones"),
     Stage("clean", "agfsync_jax.clean", "remove a stage's artifacts so that the next run redoes it "
           "(agfsync-jax clean STAGE --workdir=DIR)", light=True),

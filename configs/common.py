@@ -189,6 +189,19 @@ def eval_config() -> ml_collections.ConfigDict:
     s.extra_scorers = ""  # scored in the eval on top of the training reward's, e.g. "pickscore"
     s.seed = 200  # the paper's figure seed
     s.grid_prompts = 8
+    # VLM judge (the paper's Table 2, GPT-4V there): an OpenAI-compatible chat endpoint with
+    # image input answers three pairwise questions per eval prompt, in both image orders.
+    # base_url and model both "" -> off.
+    s.judge = ml_collections.ConfigDict()
+    s.judge.base_url = ""  # e.g. "https://api.openai.com/v1" or a vLLM server's /v1
+    s.judge.model = ""  # a vision chat model, e.g. "gpt-4o"
+    s.judge.api_key_env = "OPENAI_API_KEY"  # "" for servers that need no key
+    s.judge.max_concurrency = 4  # requests in flight
+    s.judge.timeout_s = 120.0  # per request; a timeout is retried
+    s.judge.max_retries = 5  # on 429, 5xx, timeouts; a refused connection or 401 fails at once
+    s.judge.backoff_initial_s = 1.0
+    s.judge.backoff_max_s = 60.0
+    s.judge.cache_dir = ""  # "" -> WORKDIR/eval/<set>/judge/cache
     return s
 
 

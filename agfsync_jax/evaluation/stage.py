@@ -47,6 +47,8 @@ _PROMPTS_OPERATIONAL = ("prompts.llm.max_concurrency", "prompts.llm.timeout_s", 
 # Sampling fields that change speed or memory only.
 _SAMPLING_OPERATIONAL = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params")
 _SCORING_OPERATIONAL = ("scoring.batch_size", "scoring.device")
+_JUDGE_OPERATIONAL = tuple(f"eval.judge.{k}" for k in (
+    "max_concurrency", "timeout_s", "max_retries", "backoff_initial_s", "backoff_max_s", "cache_dir", "api_key_env"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +210,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         atomic_io.atomic_write_json(selection_path, selection)
     per_model = {name: _model_settings(cfgs[name], records) for name in MODELS}
     settings = {**pset.settings, **{f"{m}.{k}": v for m, s in per_model.items() for k, v in s.items()},
-                "eval.grid_prompts": int(config.eval.grid_prompts), "eval.extra_scorers": config.eval.extra_scorers}
+                **fingerprint.config_settings(config, ("eval",), _JUDGE_OPERATIONAL + tuple(pset.settings))}
     marker = done_marker.read(set_dir)
     if marker is not None and not done_marker.changed_fields(marker, settings):
         print(f"eval: {pset.name} complete, skipped ({done_marker.path(set_dir)}); report {marker['report']}")
@@ -223,6 +225,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         print(f"eval: {name} model {paths[name]} ({actions[name]})", flush=True)
         stage_runner.run_in_child("sample", cfgs[name], model_dir)
         stage_runner.run_in_child("score", cfgs[name], model_dir)
+
+    judged = bool(config.eval.judge.base_url or config.eval.judge.model)
+    if judged:
+        stage_runner.run_in_child("judge", config, set_dir)
 
     scores = {name: _scores(set_dir / name) for name in MODELS}
     images = {name: _images(set_dir / name) for name in MODELS}
@@ -243,7 +249,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     overall = metrics["win_rates"]["all"]
     sign = metrics["sign_tests"]["total"]
     summary = {"prompt_set": pset.name, "prompts": len(records), "available": selection["available"],
-               "evaluated": len(items), "skipped": len(records) - len(items), "models": actions,
+               "evaluated": len(items), "skipped": len(records) - len(items), "models": actions, "judge": judged,
                "win_rate_total": overall["total"], "sign_test_total": sign, "report": str(set_dir / "report.md")}
     done_marker.write(set_dir, summary, settings)
     print(f"eval: {pset.name}: {len(items)}/{len(records)} prompts (of {selection['available']}); win rate of "
