@@ -1,4 +1,4 @@
-"""The work directory layout (design.md section 3), named once.
+"""The work directory layout (docs/design.md section 3), named once.
 
 WORKDIR/
   base_model/   the tiny default's materialised diffusers folder (tiny configs only)

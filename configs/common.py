@@ -84,7 +84,7 @@ def sampling_config() -> ml_collections.ConfigDict:
     s.noise_sigma = 0.1
     s.clean_first_candidate = False  # the authors' code keeps candidate 0 clean
     # Noise on SDXL's pooled text embedding. The authors' code adds unit-variance noise there
-    # (1.0), which we treat as a bug (design.md section 10); 0 keeps it clean.
+    # (1.0), which we treat as a bug (docs/design.md section 10); 0 keeps it clean.
     s.pooled_noise_sigma = 0.0
     # The authors' code starts every prompt's candidate i from the same initial latents.
     s.shared_initial_latents = False

@@ -1,4 +1,4 @@
-"""Stage `sample`: prompts.jsonl -> candidate images, latents and manifest rows (design.md 3, 6).
+"""Stage `sample`: prompts.jsonl -> candidate images, latents and manifest rows (docs/design.md sections 3, 6).
 
     agfsync-jax sample --config=configs/tiny.py --workdir=DIR
 

@@ -76,7 +76,7 @@ def test_noise_goes_on_the_conditional_branch_only(family, request):
         if family == "sdxl":
             np.testing.assert_array_equal(pooled[0::2], np.zeros_like(pooled[0::2]))  # SDXL: zeros
             pooled_noise = pooled[1::2] - np.asarray(clean.pooled)
-            # No noise on the pooled embedding unless asked for (design.md section 10).
+            # No noise on the pooled embedding unless asked for (docs/design.md section 10).
             assert np.abs(pooled_noise[:2]).max() < 1e-5
             assert pooled_noise[2].std() == pytest.approx(1.0, rel=0.35)
     # Same initial latents, different embedding noise: the candidates differ.
