@@ -231,3 +231,77 @@ def test_manifest_rows_without_images_are_an_error(tmp_path):
     (tmp_path / "manifest-00000-of-00001.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(SchemaError, match=r"manifest-00000-of-00001.jsonl row 1: candidate has no image"):
         read_candidates(tmp_path, records, {"p0"})
+
+
+def _clip_only(scorer_models, **scoring):
+    return _config(scorer_models, weights_preset="custom", weights="clip=1", extra="", **scoring)
+
+
+def test_new_weights_re_pair_without_re_scoring(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    stage.run(_clip_only(scorer_models), str(workdir))
+    scores = (workdir / "scores" / "scores-00000-of-00001.jsonl").read_text()
+    before = {ex["prompt_id"]: (ex["winner_candidate"], ex["loser_candidate"]) for ex in _load_tfds(workdir / "pairs")}
+    changed = _config(scorer_models, weights_preset="custom", weights="clip=1,aesthetic=50", extra="")
+    with pytest.raises(Exception, match="scoring.weights changed|aesthetic"):
+        # A newly weighted scorer needs scores that were never computed: that is a re-score.
+        stage.run(changed, str(workdir))
+    # Re-weighting scores that exist re-pairs from the stored rows.
+    stage.run(_clip_only(scorer_models), str(workdir))
+    summary = stage.run(_clip_only(scorer_models, min_margin=1e9), str(workdir))
+    assert "re-paired: pairing settings changed (scoring.min_margin)" in capsys.readouterr().out
+    assert summary["scored"] == 0 and summary["pairs"] == 0
+    assert (workdir / "scores" / "scores-00000-of-00001.jsonl").read_text() == scores  # not re-scored
+    assert not (workdir / "pairs" / "_DONE.json").exists()  # a dataset without pairs is not done
+    again = stage.run(_clip_only(scorer_models), str(workdir))
+    assert again["complete"] and again["pairs"] == len(before)
+
+
+def test_a_run_without_a_single_pair_fails_with_the_counts(scorer_models, workdir):
+    from agfsync_jax.errors import StageFailedError
+    from data_prep.scoring import stage
+
+    with pytest.raises(StageFailedError, match=r"no pair survived .*prompts below_margin: \d+"):
+        stage.run(_clip_only(scorer_models, min_margin=1e9), str(workdir))
+    assert not (workdir / "pairs" / "_DONE.json").exists()
+
+
+def test_skipped_candidates_are_scored_once_readable_and_the_shard_re_paired(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    latent = workdir / "candidates" / "latents" / "p1_0_0.npy"
+    good = latent.read_bytes()
+    latent.write_bytes(b"damaged")
+    first = stage.run(_clip_only(scorer_models), str(workdir))
+    assert first["bad_candidates"]["corrupt_latent"] == [str(latent)]
+    assert stage.run(_clip_only(scorer_models), str(workdir))["scored"] == 0  # still damaged: nothing to do
+    latent.write_bytes(good)  # what `sample` does: it regenerates damaged candidates
+    capsys.readouterr()
+    second = stage.run(_clip_only(scorer_models), str(workdir))
+    assert second["scored"] == 1 and not second["bad_candidates"].get("corrupt_latent")
+    out = capsys.readouterr().out
+    assert "1 candidate(s) skipped earlier now scored" in out and "re-paired" in out
+
+
+def test_a_truncated_pair_shard_is_rebuilt(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    stage.run(_clip_only(scorer_models), str(workdir))
+    shard = next((workdir / "pairs").glob("agfsync_pairs-train.tfrecord-*"))
+    reference = shard.read_bytes()
+    shard.write_bytes(reference[:-7])
+    summary = stage.run(_clip_only(scorer_models), str(workdir))
+    assert "re-paired: pair shard" in capsys.readouterr().out and summary["complete"]
+    assert shard.read_bytes() == reference
+
+
+def test_changed_scorer_settings_stop_with_the_fields_named(scorer_models, workdir):
+    from agfsync_jax.errors import StageChangedError
+    from data_prep.scoring import stage
+
+    stage.run(_clip_only(scorer_models), str(workdir))
+    other = _clip_only(scorer_models)
+    other.scoring.vqa_prompt = "Q: {question} A:"
+    with pytest.raises(StageChangedError, match=r"scoring.vqa_prompt changed\); `agfsync-jax clean score"):
+        stage.run(other, str(workdir))
