@@ -109,13 +109,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.scoring.vqa_prompt = "Question: {question} Answer:"
     c.scoring.vqa_max_new_tokens = 8  # generate mode
     c.scoring.clip_path = ""  # CLIP folder (paper: clip-vit-base-patch16)
-    c.scoring.aesthetic_clip_path = ""  # CLIP ViT-L/14 folder for the aesthetic head
-    c.scoring.aesthetic_head_path = ""  # LAION aesthetic head weights (.pth or .safetensors)
-    c.scoring.extra = ""  # comma-separated extra scorers, e.g. "pickscore"
+    # Which model makes the "aesthetic" score: "vila" (the paper's and the authors' code's: VILA,
+    # a TensorFlow SavedModel, 100 x its 0-1 prediction) | "laion" (the LAION head on CLIP ViT-L/14,
+    # its 1-10 rating mapped onto 0-100; PyTorch only). Both need local weights.
+    c.scoring.aesthetic = "vila"
+    c.scoring.vila_path = ""  # VILA SavedModel folder (TF-Hub / Kaggle google/vila, unpacked)
+    c.scoring.aesthetic_clip_path = ""  # aesthetic="laion": CLIP ViT-L/14 folder for the head
+    c.scoring.aesthetic_head_path = ""  # aesthetic="laion": LAION head weights (.pth or .safetensors)
+    # Comma-separated extra scorers, recorded but not weighted: "pickscore" (the paper's Table 5
+    # ablation), "hps" (HPS v2, the paper's benchmark metric), "vila" (VILA under its own name).
+    c.scoring.extra = ""
+    c.scoring.hps_path = ""  # HPS v2 / v2.1 checkpoint file (HPS_v2.1_compressed.pt)
+    # open_clip architecture of the HPS checkpoint: a model name, or "local-dir:FOLDER" holding an
+    # open_clip_config.json (the tiny model).
+    c.scoring.hps_model = "ViT-H-14"
     c.scoring.pickscore_path = ""  # PickScore_v1 folder (a CLIP model)
     c.scoring.pickscore_processor_path = ""  # its processor folder; "" -> pickscore_path
     c.scoring.device = "auto"  # "auto" (cuda + fp16 when present) | "cpu" | "cuda"
-    # Build tiny random scorer models under WORKDIR/scores/tiny_models and use them (demo/tests).
+    # Build tiny random scorer models (CLIP, BLIP-2, LAION head, PickScore, HPS, VILA) under
+    # WORKDIR/scores/tiny_models and use them (demo/tests).
     c.scoring.tiny = False
     c.scoring.batch_size = 16
     c.scoring.min_margin = 0.0  # prompts whose best and worst totals differ by less give no pair

@@ -30,8 +30,12 @@ def get_config():
     c.sampling.steps = 10
     c.sampling.batch_size = 8
 
-    # Tiny random CLIP / BLIP-2 / aesthetic head, built under WORKDIR/scores/tiny_models.
+    # Tiny random CLIP / BLIP-2 / aesthetic head / HPS / VILA, built under WORKDIR/scores/tiny_models.
     c.scoring.tiny = True
+    # The reward's aesthetic is the tiny LAION head (the demo's reward predates VILA; keep it).
+    c.scoring.aesthetic = "laion"
+    # Recorded, not weighted: the tiny HPS v2 and VILA models, so the report has their columns.
+    c.scoring.extra = "hps,vila"
 
     c.train.batch_size = 8
     c.train.steps = 40
