@@ -101,7 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
     # --- scoring and pairs (data_prep.scoring, PyTorch) --------------------------------------
     c.scoring = ml_collections.ConfigDict()
     # "paper" (0.35 VQA/0.55 CLIP/0.10 aesthetic) | "released_code" (0.85 CLIP/0.15 aesthetic)
-    # | "custom" (then `weights`, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,pickscore=0.1")
+    # | "custom" (then `weights`, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,hps=0.1"; any scorer name,
+    # including the extra ones below)
     c.scoring.weights_preset = "paper"
     c.scoring.weights = ""
     c.scoring.vqa_path = ""  # BLIP-2 folder (paper: blip2-flan-t5-xxl)

@@ -203,3 +203,16 @@ def test_tiny_hps_model_loads_through_the_scorer(tmp_path, images):
     again = tiny.save_tiny_hps(tmp_path / "hps2", seed=5)
     assert HpsScorer(again / tiny.HPS_CHECKPOINT, f"local-dir:{again}", CPU, F32).version.split(":")[-1] == \
         scorer.version.split(":")[-1]  # the same seed builds the same weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hps_cuda_autocast_matches_cpu(built, images):
+    from data_prep.scoring.device import select_device
+    from data_prep.scoring.hps import HpsScorer
+
+    _, ckpt, model_id = built
+    device, dtype = select_device("auto")
+    items = [ScoringItem(im, p) for im, p in zip(images, PROMPTS)]
+    gpu = HpsScorer(ckpt, model_id, device, dtype)
+    assert next(gpu.model.parameters()).dtype == torch.float32  # amp: float32 weights, float16 compute
+    np.testing.assert_allclose(gpu.score(items), HpsScorer(ckpt, model_id, CPU, F32).score(items), atol=0.5)
