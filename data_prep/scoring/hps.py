@@ -73,7 +73,10 @@ def model_config(model: str) -> tuple[dict[str, Any], str]:
         if not path.is_file():
             raise FileNotFoundError(f"scoring.hps_model is {model!r} but {path} does not exist "
                                     f"(a local-dir model needs its {OPEN_CLIP_CONFIG})")
-        config = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
             raise ValueError(f"{path}: expected a JSON object with a 'model_cfg' object")
         return config, folder.name

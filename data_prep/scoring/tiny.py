@@ -27,8 +27,6 @@ LANGUAGE_MODELS = ("opt", "t5")
 # Scoring config fields that scoring.tiny fills in.
 TINY_FIELDS = ("clip_path", "aesthetic_clip_path", "aesthetic_head_path", "vqa_path", "pickscore_path",
                "hps_path", "hps_model", "vila_path")
-# Fields whose config default is a real model's name rather than "": set only when changed.
-_FIELD_DEFAULTS = {"hps_model": "ViT-H-14"}
 _TINY_DIR = "tiny_models"
 
 _SUBJECTS = ("cat", "dog", "bird", "car", "tree", "house", "flower", "person", "boat", "cup", "chair", "horse")
@@ -236,8 +234,9 @@ def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
     return _atomic_dir(Path(out), build)
 
 
-# The tiny VILA: decode, resize to a few pixels, a fixed random linear map, sigmoid: an
-# image-dependent score in (0, 1) with VILA's serving signature.
+# The tiny VILA: decode, resize to a few pixels, a fixed random linear map (scaled by 4 so the
+# scores spread over the scale rather than sit at 0.5), sigmoid: an image-dependent score in
+# (0, 1) with VILA's serving signature.
 _VILA_SIZE = 8
 
 
@@ -311,7 +310,11 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     resolved = scoring.copy_and_resolve_references()
     if not scoring.tiny:
         return resolved
-    already = [f for f in TINY_FIELDS if getattr(scoring, f) not in ("", _FIELD_DEFAULTS.get(f, ""))]
+    from data_prep.scoring.hps import HPS_MODEL
+
+    # hps_model's default names the real architecture; it counts as set only when changed.
+    defaults = {"hps_model": HPS_MODEL}
+    already = [f for f in TINY_FIELDS if getattr(scoring, f) not in ("", defaults.get(f, ""))]
     if already:
         raise ValueError(f"set either scoring.tiny or the scorer paths, not both (set: {already})")
     root = Path(workdir) / workdir_lib.SCORES / _TINY_DIR
