@@ -50,6 +50,7 @@ def _config(models: dict[str, Path], **scoring):
     c = base_config()
     c.scoring.vqa_path = str(models["blip2_t5"])
     c.scoring.clip_path = str(models["clip"])
+    c.scoring.aesthetic = "laion"
     c.scoring.aesthetic_clip_path = str(models["aesthetic_clip"])
     c.scoring.aesthetic_head_path = str(models["aesthetic_head"])
     c.scoring.pickscore_path = str(models["pickscore"])
@@ -193,6 +194,59 @@ def test_stage_shards_merge_into_one_dataset(workdir):
     # Without VQA, p2 (no questions) is scored too: every prompt gives a pair.
     assert sorted(ex["prompt_id"] for ex in examples) == [b"ie0", b"p0", b"p1", b"p2", b"p3"]
     assert (s0["pairs"], s1["pairs"]) == (3, 2)  # shard i takes sorted ids i::2
+
+
+def test_stage_with_vila_aesthetic_and_hps_in_the_reward(workdir):
+    from agfsync_jax.tf_cpu import tensorflow_cpu_only
+    from agfsync_jax.schemas import ScoreRow, read_jsonl
+    from configs.common import base_config
+    from data_prep.scoring import stage
+
+    config = base_config()
+    config.scoring.update(dict(tiny=True, aesthetic="vila", weights_preset="custom",
+                               weights="clip=0.4,aesthetic=0.3,hps=0.3", extra="pickscore", device="cpu"))
+    summary = stage.run(config, str(workdir))
+    assert summary["scorers"] == ["clip", "aesthetic", "pickscore", "hps"] and summary["complete"]
+    rows = list(read_jsonl(workdir / "scores" / "scores-00000-of-00001.jsonl", ScoreRow.from_dict))
+    assert len(rows) == 6 * NUM_CANDIDATES
+    tiny_dir = workdir / "scores" / "tiny_models"
+    for r in rows:
+        assert set(r.scores) == {"clip", "aesthetic", "pickscore", "hps"}
+        assert r.scorers["aesthetic"].startswith("vila:vila:")
+        assert r.scorers["hps"].startswith("hps:hps:HPS_v2_tiny.pt:")
+        assert 0.0 < r.scores["aesthetic"] < 100.0
+        assert r.total == pytest.approx(0.4 * r.scores["clip"] + 0.3 * r.scores["aesthetic"] + 0.3 * r.scores["hps"])
+    # The authors' call: the candidate PNG file's own bytes into the signature, x 100.
+    tf = tensorflow_cpu_only()
+    serve = tf.saved_model.load(str(tiny_dir / "vila")).signatures["serving_default"]
+    for r in rows[:4]:
+        png = (workdir / "candidates" / "images" / f"{r.prompt_id}_{r.instruction}_{r.candidate}.png").read_bytes()
+        expected = 100.0 * float(serve(image_bytes=tf.constant(png))["predictions"].numpy()[0][0])
+        assert r.scores["aesthetic"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_tiny_scorers_fill_hps_and_vila_fields(tmp_path):
+    from configs.common import base_config
+    from data_prep.scoring.tiny import resolve_scoring_config
+
+    config = base_config()
+    config.scoring.tiny = True
+    resolved = resolve_scoring_config(config.scoring, tmp_path)  # hps_model's default is not "set"
+    root = tmp_path / "scores" / "tiny_models"
+    assert resolved.hps_model == f"local-dir:{root / 'hps'}"
+    assert resolved.hps_path == str(root / "hps" / "HPS_v2_tiny.pt") and Path(resolved.hps_path).is_file()
+    assert (Path(resolved.vila_path) / "saved_model.pb").is_file()
+    config.scoring.hps_model = "ViT-L-14"
+    with pytest.raises(ValueError, match=r"scoring.tiny or the scorer paths.*hps_model"):
+        resolve_scoring_config(config.scoring, tmp_path)
+
+
+def test_demo_config_keeps_its_reward_and_reports_hps_and_vila():
+    from configs import tiny
+
+    scoring = tiny.get_config().scoring
+    assert (scoring.weights_preset, scoring.weights, scoring.aesthetic) == ("paper", "", "laion")
+    assert scoring.extra == "hps,vila"
 
 
 def test_score_stage_is_registered():
