@@ -29,10 +29,10 @@ def _spy(models):
     def record(context, text_embeds):
         calls.append((np.asarray(context), None if text_embeds is None else np.asarray(text_embeds)))
 
-    def eps_fn(params, x, t, context, added):
-        jax.debug.callback(record, context, None if added is None else added["text_embeds"])
-        return models.eps_fn(params, x, t, context, added)
-    return dataclasses.replace(models, eps_fn=eps_fn), calls
+    def denoise_fn(params, x, t, cond):
+        jax.debug.callback(record, cond.embeds, cond.pooled)
+        return models.denoise_fn(params, x, t, cond)
+    return dataclasses.replace(models, denoise_fn=denoise_fn), calls
 
 
 def _setup(sd):
