@@ -69,8 +69,6 @@ print(json.dumps({{"calls": calls, "loaded": sorted(m for m in ("jax", "torch", 
 
 @pytest.mark.slow
 def test_a_failing_child_raises_naming_the_stage(tmp_path):
-
-
     from agfsync_jax.errors import StageFailedError
 
     with pytest.raises(StageFailedError, match="stage sample failed in its process"):
