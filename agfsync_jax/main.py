@@ -23,6 +23,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                "sample N candidates per prompt: images, latents, manifests (candidates/)"),
     "score": ("data_prep.scoring.stage", "run",
               "score candidates (VQA, CLIP, aesthetic) and write the pair dataset (scores/, pairs/)"),
+    "encode": ("agfsync_jax.encoding.stage", "run",
+               "an external image dataset (folder, JSONL, parquet) -> the pair dataset via the VAE (pairs/)"),
     "train": ("agfsync_jax.training.stage", "run", "Diffusion-DPO finetuning of the UNet (train/)"),
     "export": ("agfsync_jax.export", "run", "trained UNet -> diffusers PyTorch pipeline folder"),
     "eval": ("agfsync_jax.evaluation.stage", "run", "base vs finetuned: win rates, scores, image grids"),

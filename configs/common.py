@@ -121,6 +121,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.scoring.min_margin = 0.0  # prompts whose best and worst totals differ by less give no pair
     c.scoring.store_png = True
 
+    # --- external image datasets -> WORKDIR/pairs (agfsync_jax.encoding; instead of
+    # prompts/sample/score; docs/external_datasets.md) ----------------------------------------
+    c.encode = ml_collections.ConfigDict()
+    c.encode.format = "jsonl"  # "folder" | "jsonl" | "parquet" (pyarrow)
+    c.encode.path = ""  # the folder, JSONL file, or parquet file / folder of parquet files
+    c.encode.prompt_key = "prompt"  # Pick-a-Pic: "caption"
+    # One key: (prompt, image) rows for train.loss=sft (MJHQ-30K). Two keys, comma-separated:
+    # preference pairs, image 0 then image 1 ("winner,loser"; Pick-a-Pic: "jpg_0,jpg_1").
+    c.encode.image_keys = "image"
+    # Pairs only: the field with image 0's preference (1 wins, 0 loses, 0.5 tie: skipped;
+    # Pick-a-Pic: "label_0"). "": image 0 always wins.
+    c.encode.label_key = ""
+    c.encode.id_key = ""  # a field used as prompt id; "": a hash of the prompt text
+    c.encode.category_key = ""  # a field used as category (MJHQ-30K: "category"); "": "external"
+    c.encode.image_root = ""  # relative image paths are resolved here; "": next to the JSONL/parquet
+    c.encode.limit = 0  # encode only the first `limit` rows; 0: all
+    # "sample": z = mean + std * N(0, I) (diffusers' DPO/SFT scripts: latent_dist.sample()), one
+    # key per image from `seed`; "mean": the posterior mean (deterministic).
+    c.encode.latent = "sample"
+    c.encode.seed = 0
+    c.encode.batch_size = 8  # images per compiled call, global; a multiple of the device count
+    c.encode.rows_per_shard = 1024  # rows per TFRecord shard: the unit of resumption
+    c.encode.store_png = False  # also store the resized, cropped image as PNG in each record
+
     # --- Diffusion-DPO training (agfsync_jax.training) ---------------------------------------
     c.train = ml_collections.ConfigDict()
     # dpo | cross_dpo (InstructEngine; every pair must be a cross pair) | sft (winners only) |

@@ -1,0 +1,1 @@
+"""External image datasets -> the pair dataset: readers, image preprocessing, the VAE encoder."""
