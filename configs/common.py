@@ -178,6 +178,19 @@ def base_config() -> ml_collections.ConfigDict:
     # encoded once outside the step and kept on the host (no encoder in the step).
     c.train.text_encoding = "in_step"
     c.train.shuffle_seed = 0
+    # Validation (agfsync_jax/training/validation.py; diffusers scripts' --run_validation): every
+    # `eval_every` steps and at the last step, the loss (DPO: and implicit accuracy) on held-out
+    # pairs and a grid of samples, to TensorBoard (val/*) and train/val_samples/. 0: off.
+    c.train.eval_every = 0
+    # Hold out pairs by prompt-id hash, once, recorded in WORKDIR/train/val_split.json and never
+    # trained on: a fraction of the prompt ids, or (val_pairs) at least this many pairs.
+    c.train.val_fraction = 0.0
+    c.train.val_pairs = 0
+    c.train.val_batch_size = 0  # 0: train.batch_size / train.grad_accum_steps
+    c.train.val_seed = 0  # fixes each held-out batch's noise and timesteps, and the grid's latents
+    c.train.val_prompts = ()  # prompts of the sample grid (a tuple of strings); (): no grid
+    c.train.val_images_per_prompt = 2  # grid columns, one seed each
+    c.train.val_sample_steps = 10  # sampler steps (sampling.scheduler, sampling.guidance_scale)
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
