@@ -2,12 +2,14 @@
 
     pixels = preprocess(png_or_jpeg_bytes, resolution=512, where="mjhq/animals/0001.jpg")
 
-The image is converted to RGB (diffusers' DPO and SFT training scripts do `image.convert("RGB")`;
-`VaeImageProcessor(do_convert_rgb=True)` does the same), resized with Lanczos so that it covers
-the square and centre-cropped (`VaeImageProcessor.preprocess(..., resize_mode="crop")`), scaled to
-[0, 1] as float32 and mapped to [-1, 1] as 2x - 1. The crop keeps the aspect ratio; the diffusers
-training scripts' torchvision pipeline (bilinear Resize + CenterCrop) differs from this only in
-the resampling filter.
+The image is resized with Lanczos so that it covers the square and centre-cropped
+(`VaeImageProcessor.preprocess(..., resize_mode="crop")`, which keeps the aspect ratio), scaled to
+[0, 1] as float32 and mapped to [-1, 1] as 2x - 1. For RGB and grayscale images the result is
+exactly VaeImageProcessor(do_convert_rgb=True)'s. Images with alpha or a palette are converted to
+RGB first, as diffusers' DPO and SFT training scripts do (`image.convert("RGB")`);
+VaeImageProcessor converts after resizing, which for those modes means resizing with
+premultiplied alpha, or with nearest neighbour for palette images. The training scripts'
+torchvision pipeline (bilinear Resize + CenterCrop) differs from this only in the filter.
 """
 
 from __future__ import annotations
