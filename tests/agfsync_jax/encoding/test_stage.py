@@ -156,11 +156,11 @@ def test_interrupted_run_resumes_shard_by_shard(tmp_path, tiny_sd1_path, monkeyp
     for name, (data, mtime) in first.items():  # finished shards were not rewritten
         assert (pairs_dir / name).read_bytes() == data and os.stat(pairs_dir / name).st_mtime_ns == mtime
 
-    # The posterior samples are a function of (seed, row, image): a fresh run gives the same bytes.
+    # The posterior samples are a function of (seed, row, image): a fresh run writes the same records.
     fresh = stage.run(config, str(tmp_path / "fresh"))
     assert fresh["records"] == 4
-    for p in pairs_dir.glob("agfsync_pairs-*"):
-        assert (tmp_path / "fresh" / workdir_lib.PAIRS / p.name).read_bytes() == p.read_bytes()
+    comparable = lambda records: [{k: np.asarray(v).tolist() for k, v in r.items()} for r in records]  # noqa: E731
+    assert comparable(_records(tmp_path / "fresh" / workdir_lib.PAIRS)) == comparable(_records(pairs_dir))
     mean_config = _config(tiny_sd1_path, format="folder", path=str(tmp_path), rows_per_shard=1, latent="mean")
     stage.run(mean_config, str(tmp_path / "mean"))
     sampled, mean = _records(pairs_dir), _records(tmp_path / "mean" / workdir_lib.PAIRS)
