@@ -4,7 +4,8 @@
 
 WORKDIR/train/ holds `checkpoints/<step>/` (orbax), `tensorboard/` (event files),
 `config.json` (the resolved config of the latest start), `val_split.json` and `val_samples/`
-when validating (training/validation.py), and, once `train.steps` is reached, the done marker. Re-running resumes from the latest checkpoint: parameters, optimizer state,
+when validating (training/validation.py), and, once `train.steps` is reached, the done marker.
+Re-running resumes from the latest checkpoint: parameters, optimizer state,
 step, RNG key and the data position, so the run continues exactly as if never interrupted. A
 checkpoint that cannot be restored stops the run with the reason; only an empty checkpoint
 directory starts from the base weights.
