@@ -185,3 +185,12 @@ def test_encode_is_a_cli_stage():
     from agfsync_jax import main
 
     assert main.STAGES["encode"][:2] == ("agfsync_jax.encoding.stage", "run")
+
+
+def test_limit_encodes_the_first_rows(tmp_path, tiny_sd1_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(_png(i))
+        (tmp_path / f"{i}.txt").write_text(f"picture {i}")
+    summary = stage.run(_config(tiny_sd1_path, format="folder", path=str(tmp_path), limit=2), str(tmp_path / "wd"))
+    assert summary["rows"] == 2 and summary["records"] == 2
+    assert [r["prompt"] for r in _records(tmp_path / "wd" / workdir_lib.PAIRS)] == [b"picture 0", b"picture 1"]
