@@ -319,6 +319,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     program = None
     if num_batches:
         sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model), components=("unet", "vae"))
+        # VAE parameters are laid out as for sampling (sampling.shard_params).
         program = EncodingProgram(sd.vae, mesh, batch_size=int(e.batch_size), resolution=int(config.model.resolution),
                                   mode=e.latent, param_mode=config.sampling.shard_params,
                                   min_shard_size=int(config.mesh.min_shard_size))
