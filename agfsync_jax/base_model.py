@@ -49,15 +49,19 @@ def resolve_base_model_on_every_process(config: Any, workdir: str | Path) -> Pat
     return resolve_base_model(config, workdir)
 
 
-def folder_identity(folder: str | Path) -> str:
-    """A cheap identity of a model folder: its config files' contents and its weight files'
-    names and sizes. Changing weights, configs or the folder itself changes it; copying the
-    folder elsewhere does not."""
+def folder_identity(folder: str | Path, exclude: str | Path | None = None) -> str:
+    """A cheap identity of a model folder (or a dataset): its config files' contents and its
+    other files' names and sizes. Changing weights, configs or the folder itself changes it;
+    copying the folder elsewhere does not. Files under `exclude` (e.g. a work directory kept
+    inside a dataset folder) do not count."""
     folder = Path(folder)
     if not folder.exists():
-        raise ConfigError(f"model folder {folder} does not exist")
+        raise ConfigError(f"folder {folder} does not exist")
     h = hashlib.sha256()
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        files = [p for p in files if not p.resolve().is_relative_to(skip)]
     for p in files:
         rel = p.name if folder.is_file() else str(p.relative_to(folder))
         if rel.startswith(".") or "/." in rel:
