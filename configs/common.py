@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
     # builds a tiny pipeline into WORKDIR/base_model and loads it from there.
     c.model.path = ""
     c.model.tiny = ""  # "" | "sd1" | "sdxl"
+    # diffusers' variant weight files to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
+    # ("" = the plain files). Every loaded component must have them.
+    c.model.variant = ""
     # > 0: pretrain the tiny UNet into a denoiser of synthetic latents before use (configs/tiny.py;
     # agfsync_jax/models/tiny_pretrain.py says why). Part of the cached WORKDIR/base_model.
     c.model.tiny_pretrain_steps = 0

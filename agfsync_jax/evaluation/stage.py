@@ -99,7 +99,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         cfg = _model_config(config, paths[name], scoring)
         print(f"eval: {name} model {paths[name]}", flush=True)
         sample_stage.run(cfg, str(model_dir))
-        score_stage.run(cfg, str(model_dir))
+        score_stage.run(cfg, str(model_dir), require_pairs=False)  # one candidate: no pairs
 
     scores = {name: _scores(eval_dir / name) for name in MODELS}
     images = {name: _images(eval_dir / name) for name in MODELS}

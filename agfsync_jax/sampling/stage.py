@@ -5,7 +5,9 @@
 Each JAX process generates the prompts of its shard (stage shard x process) and appends to its
 own manifest shard. A re-run regenerates exactly the candidates that have no manifest row or
 whose files do not verify, and writes nothing else; the done marker appears once every
-candidate of every prompt has a row.
+candidate of every prompt has a row. Candidates that failed (non-finite latents) get no row:
+the stage then raises after writing the others, so the command exits non-zero, no done marker
+appears, and a re-run retries exactly the failed ones.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from agfsync_jax.schemas import ManifestRow, read_prompts
 
 # PNG encoding (zlib) releases the GIL; a few threads keep the host ahead of the devices.
 _WRITER_THREADS = 4
+
+
+class CandidatesFailedError(RuntimeError):
+    """Some candidates could not be made; the others are saved."""
 
 
 def _settings(config: Any, family: str) -> dict[str, Any]:
@@ -83,7 +89,8 @@ def _global_max(value: int) -> int:
 
 def _build_program(config: Any, model_path: Path, mesh: Any) -> tuple[SamplingProgram, Any]:
     s = config.sampling
-    sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model))
+    sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model),
+                               variant=config.model.variant)
     scheduler = make_scheduler(s.scheduler, sd.scheduler_config, s.steps)
     models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png)
     program = SamplingProgram(
@@ -270,4 +277,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
           f"{stats.compile_seconds:.1f} s, {stats.compilations} XLA compilation(s)); "
           f"{len(plan.examples) - len(missing)}/{len(plan.examples)} candidates of all shards done -> {plan.out_dir}",
           flush=True)
+    if stats.failed:
+        shown = "; ".join(stats.failed[:3]) + (" ..." if len(stats.failed) > 3 else "")
+        raise CandidatesFailedError(
+            f"sample: {len(stats.failed)} candidate(s) failed ({shown}); the {stats.generated} that "
+            f"succeeded are saved and the stage is not marked done. Re-run `sample` to retry the "
+            f"failed ones; if they fail again the model computes non-finite values (check the "
+            f"weights and model.compute_dtype)")
     return summary

@@ -276,7 +276,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         logging.warning("train.loss=released_code_dpo with beta=%s; the authors' code uses beta=1", cfg.beta)
     base = resolve_base_model_on_every_process(config, workdir)
     sd = load_stable_diffusion(base, DtypePolicy.from_config(config.model),
-                               components=("unet", "text_encoders"))
+                               components=("unet", "text_encoders"), variant=config.model.variant)
     setup = build_training(config, sd, mesh)
 
     pairs = open_pairs(config, workdir)

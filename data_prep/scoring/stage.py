@@ -12,6 +12,9 @@ Per shard (prompts i::n by sorted id):
 3. when every shard's summary exists: write the TFDS metadata, then pairs/_DONE.json. Whichever
    shard finishes last does this; re-running any shard finishes it after a crash.
 
+A shard with prompts but not a single pair fails with the counts by reason and writes neither
+its pairs nor its summary, so a re-run (after fixing the cause) redoes it from the stored scores.
+
 Totals are recomputed from the stored per-scorer scores with the current weights, so changing
 scoring.weights_preset re-pairs without re-scoring (as long as the needed scores exist). Stored
 scores must come from the same scorer versions as the current config; that is checked whenever
@@ -156,7 +159,39 @@ def _summary_line(s: dict[str, Any]) -> str:
             f"({counts(s['prompts_without_pair'])}), dataset {'complete' if s['complete'] else 'waiting for shards'}")
 
 
-def run(config: Any, workdir: str) -> dict[str, Any]:
+def _counts(d: dict[str, list[str]]) -> str:
+    return " ".join(f"{k}={len(v)}" for k, v in sorted(d.items()) if v) or "none"
+
+
+class NoPairsError(RuntimeError):
+    """A shard's prompts gave no preference pair: training would have nothing to learn from."""
+
+
+def _no_pairs_error(suffix: str, num_prompts: int, num_candidates: int, scored: int,
+                    without_pair: dict[str, list[str]], bad: dict[str, list[str]]) -> NoPairsError:
+    hints = []
+    if without_pair.get("too_few_candidates") or without_pair.get("missing_instruction_candidates"):
+        hints.append("fewer than 2 scored candidates per prompt: check sampling.num_candidates and "
+                     "that `sample` finished without failures")
+    if bad.get(NO_QUESTIONS):
+        hints.append("prompts without questions cannot get a VQA score: generate questions "
+                     "(prompts.benchmark.questions=llm) or give VQA no weight "
+                     "(scoring.weights_preset)")
+    if without_pair.get("below_margin") or without_pair.get("tie"):
+        hints.append("best and worst candidates score (nearly) the same: lower scoring.min_margin")
+    return NoPairsError(
+        f"score {suffix}: no pair survived of {num_prompts} prompt(s) ({num_candidates} "
+        f"candidates, {scored} with scores): prompts without a pair {_counts(without_pair)}; "
+        f"candidates skipped {_counts(bad)}. Nothing was written to pairs/; "
+        + ("; ".join(hints) or "fix the cause") + ", then re-run `score`")
+
+
+def run(config: Any, workdir: str, require_pairs: bool = True) -> dict[str, Any]:
+    """Scores this shard's candidates and writes its pairs; see the module docstring.
+
+    `require_pairs=False` (the evaluation, which samples one candidate per prompt) scores only:
+    a shard without pairs is then not an error.
+    """
     wd = Path(workdir)
     shard_index, shard_count = int(config.shard.index), int(config.shard.count)
     suffix = workdir_lib.shard_suffix(shard_index, shard_count)
@@ -203,6 +238,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     pairs, without_pair = select_pairs({pid: records[pid] for pid in prompt_ids}, previous + new_rows,
                                        float(scoring.min_margin))
+    if require_pairs and prompt_ids and not pairs:
+        raise _no_pairs_error(suffix, len(prompt_ids), len(cands), len(previous) + len(new_rows),
+                              without_pair, bad)
     num_written = _write_pairs(pairs, by_key, candidates_dir,
                                pairs_dir / shard_filename(shard_index, shard_count), bool(scoring.store_png))
     summary: dict[str, Any] = {

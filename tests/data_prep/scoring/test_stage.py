@@ -232,3 +232,28 @@ def test_manifest_rows_without_images_are_an_error(tmp_path):
     (tmp_path / "manifest-00000-of-00001.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(SchemaError, match=r"manifest-00000-of-00001.jsonl row 1: candidate has no image"):
         read_candidates(tmp_path, records, {"p0"})
+
+
+def test_no_surviving_pair_fails_with_counts_and_leaves_nothing_done(workdir):
+    from configs.common import base_config
+    from data_prep.scoring import stage
+
+    config = base_config()
+    config.scoring.update(dict(tiny=True, weights_preset="custom", weights="clip=1", device="cpu",
+                               min_margin=1e9))  # no AGFSync pair can clear this margin
+    for c in range(NUM_CANDIDATES):  # and the cross pair loses its second instruction
+        (workdir / "candidates" / "latents" / f"ie0_1_{c}.npy").unlink()
+    with pytest.raises(stage.NoPairsError) as e:
+        stage.run(config, str(workdir))
+    msg = str(e.value)
+    assert "no pair survived of 5 prompt(s)" in msg
+    assert "below_margin=4" in msg and "missing_instruction_candidates=1" in msg
+    assert "missing_latent=3" in msg and "scoring.min_margin" in msg
+    assert not list((workdir / "pairs").glob("summary-*.json"))
+    assert not (workdir / "pairs" / "_DONE.json").exists()
+
+    # Not a failure that sticks: with a margin that pairs can clear, the same workdir finishes,
+    # from the scores already stored.
+    config.scoring.min_margin = 0.0
+    summary = stage.run(config, str(workdir))
+    assert summary["pairs"] == 4 and summary["scored"] == 0 and summary["complete"]
