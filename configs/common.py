@@ -19,6 +19,12 @@ def base_config() -> ml_collections.ConfigDict:
     # diffusers' variant weight files to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
     # ("" = the plain files). Every loaded component must have them.
     c.model.variant = ""
+    # model.path may name a single-file checkpoint (x.safetensors / .ckpt, the original SD layout):
+    # it is converted once into a diffusers folder. The conversion takes configs and tokenizers
+    # from this local diffusers folder of the same architecture ("" = the local Hugging Face
+    # cache of the repository diffusers names for the file); nothing is downloaded.
+    c.model.single_file_config = ""
+    c.model.single_file_cache = ""  # where conversions are kept; "" = WORKDIR/base_model_converted
     # > 0: pretrain the tiny UNet into a denoiser of synthetic latents before use (configs/tiny.py;
     # agfsync_jax/models/tiny_pretrain.py says why). Part of the cached WORKDIR/base_model.
     c.model.tiny_pretrain_steps = 0

@@ -103,6 +103,9 @@ def _component_config(folder: Path, component: str) -> dict[str, Any]:
 
 def detect_family(folder: str | Path) -> str:
     folder = Path(folder)
+    if folder.is_file():
+        raise ModelFolderError(f"{folder}: a single file, not a diffusers folder: set model.path to it "
+                               f"and the run converts it once (agfsync_jax/models/single_file.py)")
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: model folder does not exist")
     index = _read_json(folder / "model_index.json", folder, "model_index")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agfsync_jax import workdir as workdir_lib
+from agfsync_jax.models import single_file
 
 FAMILIES = ("sd1", "sdxl")
 # Pixel resolution of the tiny models: the tiny VAE downsamples by 2, so latents are 16 x 16.
@@ -231,6 +232,9 @@ def _check_build(folder: Path, expected: dict[str, Any]) -> None:
 def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     """The base model folder of a run: `model.path`, or the tiny model under WORKDIR/base_model.
 
+    A single-file checkpoint at `model.path` is converted once into a cached diffusers folder
+    (`models.single_file`), and that folder is returned.
+
     The tiny model is built on first use (and pretrained when `model.tiny_pretrain_steps` > 0);
     the build is deterministic, so it is cached, and a cached one built with other settings is
     refused rather than reused.
@@ -238,6 +242,9 @@ def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     if config.model.path and config.model.tiny:
         raise ValueError("set either model.path or model.tiny, not both")
     if config.model.path:
+        if single_file.is_single_file(config.model.path):
+            return single_file.converted_folder(config.model.path, single_file.cache_root(config.model, workdir),
+                                                config.model.single_file_config)
         return Path(config.model.path)
     if not config.model.tiny:
         raise ValueError("no base model: set model.path (a diffusers folder) or model.tiny (sd1|sdxl)")
