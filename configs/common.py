@@ -60,9 +60,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.prompts.instruction_pairs = 0  # InstructEngine pairs to add
     c.prompts.instruction_source = ""  # "" (same as source) | "offline" | "llm"
     c.prompts.benchmark = ml_collections.ConfigDict()
-    c.prompts.benchmark.format = ""  # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text
+    # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text | text_dir | jsonl
+    # (data_prep/prompts/benchmarks.py describes each)
+    c.prompts.benchmark.format = ""
     c.prompts.benchmark.path = ""
     c.prompts.benchmark.questions = "file"  # "file": as in the file (maybe none) | "llm": generate
+    # Format jsonl (here and for eval.prompts_format=jsonl): the field holding the prompt, the one
+    # holding the category ("" = the file name), and the one holding a list of questions ("" = none).
+    c.prompts.benchmark.prompt_key = "prompt"
+    c.prompts.benchmark.category_key = "category"
+    c.prompts.benchmark.questions_key = ""
     c.prompts.llm = ml_collections.ConfigDict()
     c.prompts.llm.backend = "openai"  # "openai" | "local"
     c.prompts.llm.base_url = "http://127.0.0.1:8000/v1"

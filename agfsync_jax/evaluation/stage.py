@@ -32,9 +32,10 @@ def eval_prompts(config: Any, workdir: Path) -> list[PromptRecord]:
     generalisation; point eval.prompts_path at a benchmark for the latter.
     """
     if config.eval.prompts_path:
-        from data_prep.prompts.benchmarks import load_benchmark
+        from data_prep.prompts.benchmarks import jsonl_keys, load_benchmark
 
-        records = load_benchmark(config.eval.prompts_format, config.eval.prompts_path)
+        records = load_benchmark(config.eval.prompts_format, config.eval.prompts_path,
+                                 **jsonl_keys(config.prompts.benchmark))
     else:
         records = read_prompts(workdir / workdir_lib.PROMPTS_FILE)
     records = [r for r in records if r.kind == KIND_PROMPT][: int(config.eval.num_prompts)]

@@ -156,7 +156,7 @@ class _Shard:
 
     def benchmark_prompts(self) -> None:
         b = self.p.benchmark
-        every = benchmarks.load_benchmark(b.format, b.path)
+        every = benchmarks.load_benchmark(b.format, b.path, **benchmarks.jsonl_keys(b))
         records = [every[i] for i in self.mine(len(every))]
         if b.questions == "file":
             for r in records:
