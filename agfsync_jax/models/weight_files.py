@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 # Preferred first: safetensors needs no PyTorch and cannot execute code on load.
-_SINGLE_FILES = (
+SINGLE_FILES = (
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
-_INDEX_FILES = (
+INDEX_FILES = (
     "diffusion_pytorch_model.safetensors.index.json",
     "model.safetensors.index.json",
     "diffusion_pytorch_model.bin.index.json",
@@ -67,7 +67,7 @@ def _variants_present(component_dir: Path) -> list[str]:
     found = set()
     for name in names:
         guess = name.split(".")[-2] if name.count(".") >= 2 else ""
-        for known in _SINGLE_FILES + _INDEX_FILES:
+        for known in SINGLE_FILES + INDEX_FILES:
             if name == known:
                 found.add("")
             elif guess and name == variant_name(known, guess):
@@ -77,8 +77,8 @@ def _variants_present(component_dir: Path) -> list[str]:
 
 def find_weight_files(component_dir: Path, variant: str = "") -> list[Path]:
     """The weight files of a component: one file, or the shards its index json names."""
-    singles = [variant_name(n, variant) for n in _SINGLE_FILES]
-    indexes = [variant_name(n, variant) for n in _INDEX_FILES]
+    singles = [variant_name(n, variant) for n in SINGLE_FILES]
+    indexes = [variant_name(n, variant) for n in INDEX_FILES]
     for name in singles:
         if (component_dir / name).is_file():
             return [component_dir / name]
