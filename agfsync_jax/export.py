@@ -102,7 +102,9 @@ def _copy_component(src: Path, dst: Path, variant: str) -> None:
 
     try:
         used = weight_files.find_weight_files(src, variant)
-    except weight_files.WeightsNotFoundError:
+    except weight_files.WeightsNotFoundError as e:
+        if any(p.suffix in (".safetensors", ".bin") for p in src.iterdir()):
+            raise  # weights, but not the ones loading reads: the export would lack them
         used = []  # schedulers, tokenizers and feature extractors have no weights
     used_names = {p.name for p in used}
     plain = {weight_files.variant_name(n, variant): n

@@ -138,3 +138,12 @@ def test_export_of_a_variant_base_loads_without_the_variant(tiny_sd1_path, tiny_
     reference = AutoencoderKL.from_pretrained(base / "vae", variant="fp16")
     for (k, a), b in zip(pipe.vae.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
+
+
+def test_export_refuses_a_component_without_the_variant(tiny_sd1_path, tiny_sd1, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_sd1_path, tmp_path / "plain")  # plain files only, no fp16
+    with pytest.raises(FileNotFoundError, match=r"text_encoder: no variant 'fp16' weights file"):
+        export.export_pipeline(base, tiny_sd1.unet.params, tmp_path / "export", variant="fp16")
+    assert not (tmp_path / "export").exists()
