@@ -2,7 +2,8 @@
 
     folder = resolve_base_model(config, workdir)
 
-`model.path` names a user's diffusers folder. With `model.tiny` set instead, the tiny model is
+`model.path` names a user's diffusers folder, or a single-file checkpoint converted once into a
+cached diffusers folder (`models.single_file`). With `model.tiny` set instead, the tiny model is
 built on first use under WORKDIR/base_model (and pretrained when `model.tiny_pretrain_steps` > 0);
 the build is deterministic, so it is cached, and a cached one built with other settings is
 refused rather than reused.
@@ -17,7 +18,14 @@ from typing import Any
 
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.errors import ConfigError
+from agfsync_jax.models import single_file
 from agfsync_jax.tiny import build as tiny_build
+
+
+# model.* fields that a stage fingerprint need not list: the tiny pretraining settings are part of
+# `model_identity`, and where single-file conversions are cached changes nothing.
+COVERED_BY_IDENTITY = ("model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size",
+                       "model.tiny_pretrain_learning_rate", "model.single_file_cache")
 
 
 def resolve_base_model(config: Any, workdir: str | Path) -> Path:
@@ -25,6 +33,9 @@ def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     if config.model.path and config.model.tiny:
         raise ConfigError("set either model.path or model.tiny, not both")
     if config.model.path:
+        if single_file.is_single_file(config.model.path):
+            return single_file.converted_folder(config.model.path, single_file.cache_root(config.model, workdir),
+                                                config.model.single_file_config)
         return Path(config.model.path)
     if not config.model.tiny:
         raise ConfigError("no base model: set model.path (a diffusers folder) or model.tiny (sd1|sdxl)")

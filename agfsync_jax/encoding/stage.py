@@ -58,8 +58,7 @@ _LISTED_SKIPS = 100
 
 
 # Fields that change how fast records are made, not what they hold.
-IGNORED = ("encode.batch_size", "model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size",
-           "model.tiny_pretrain_learning_rate")
+IGNORED = ("encode.batch_size",) + base_model.COVERED_BY_IDENTITY
 
 
 def _settings(config: Any, spec: SourceSpec, num_rows: int, workdir: Path) -> dict[str, Any]:
@@ -342,7 +341,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     encoder = _Encoder(config, source, pairs_dir, num_rows, shard_count)
     program = None
     if num_batches:
-        sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model), components=("unet", "vae"))
+        sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model), components=("unet", "vae"),
+                                   variant=config.model.variant)
         # VAE parameters are laid out as for sampling (sampling.shard_params).
         program = EncodingProgram(sd.vae, mesh, batch_size=int(e.batch_size), resolution=int(config.model.resolution),
                                   mode=e.latent, param_mode=config.sampling.shard_params,
