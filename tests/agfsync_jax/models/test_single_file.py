@@ -185,9 +185,9 @@ def _tiny_sdxl_with_distinct_encoder_widths():
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from agfsync_jax.models import tiny
+    from agfsync_jax.tiny.pipeline import build_tiny_pipeline
 
-    base = tiny.build_tiny_pipeline("sdxl", seed=0)
+    base = build_tiny_pipeline("sdxl", seed=0)
     cfg = base.text_encoder_2.config.to_dict()
     cfg.update(hidden_size=48, intermediate_size=96, projection_dim=48)
     torch.manual_seed(1)
@@ -207,12 +207,12 @@ def single(request, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from agfsync_jax.models import tiny
+    from agfsync_jax.tiny.build import save_tiny_pipeline
 
     family = request.param
     root = tmp_path_factory.mktemp(f"single-{family}")
     if family == "sd1":
-        pipe = StableDiffusionPipeline.from_pretrained(tiny.save_tiny_pipeline("sd1", root / "tiny"))
+        pipe = StableDiffusionPipeline.from_pretrained(save_tiny_pipeline("sd1", root / "tiny"))
     else:
         pipe = _tiny_sdxl_with_distinct_encoder_widths()
     folder = root / "diffusers"
@@ -300,7 +300,7 @@ def test_conversion_is_cached_by_file_identity(single, tmp_path, monkeypatch):
 def test_model_path_may_name_a_single_file(single, tmp_path):
     from configs.common import base_config
 
-    from agfsync_jax.models.tiny import resolve_base_model
+    from agfsync_jax.base_model import resolve_base_model
 
     family, _, configs, path = single
     config = base_config()
