@@ -83,9 +83,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.pooled_noise_sigma = 0.0
     # The authors' code starts every prompt's candidate i from the same initial latents.
     c.sampling.shared_initial_latents = False
-    c.sampling.scheduler = "ddim"  # ddim | dpm_solver | euler | pndm (diffusers' Flax ports)
+    # "": the class the model folder's scheduler/scheduler_config.json names (SD1.5: pndm, SDXL:
+    # euler). Or ddim | dpm_solver | euler | pndm | lcm: another class than the folder's is used
+    # with a warning, on the folder's shared fields (betas, offsets), as diffusers' from_config.
+    c.sampling.scheduler = ""
     c.sampling.steps = 50
+    # DDIM only: 0 is deterministic DDIM; > 0 adds eta-scaled noise at every step, drawn from the
+    # candidate's own key (diffusers' `eta`).
+    c.sampling.eta = 0.0
     c.sampling.guidance_scale = 7.5  # classifier-free guidance runs only for values > 1
+    # The unconditional branch of classifier-free guidance. "": the pipelines' default (the
+    # encoding of "", zeros for SDXL); a text: its encoding (the pipelines' `negative_prompt`).
+    c.sampling.negative_prompt = ""
+    # A LoRA merged into the UNet for sampling only, e.g. LCM-LoRA with scheduler=lcm, steps 4-8,
+    # guidance_scale 1: a diffusers/peft LoRA safetensors file or a folder holding one. "": none.
+    c.sampling.lora_path = ""
+    c.sampling.lora_scale = 1.0  # multiplies the LoRA update (diffusers' fuse_lora lora_scale)
     # Examples per compiled call, global; a multiple of (device count x microbatch).
     c.sampling.batch_size = 8
     # Examples per UNet call on one device. Results are bitwise reproducible across device

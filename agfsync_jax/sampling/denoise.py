@@ -4,8 +4,9 @@
     x0 = denoise(eps_fn, sd.unet.params, scheduler, latents, cond, uncond, guidance_scale=7.5)
 
 Everything is explicit: the initial latents (unit Gaussians), the conditional and unconditional
-text conditioning, the guidance scale and the scheduler. No randomness, no host round trips; the
-whole loop is one `lax.fori_loop`, so under `jax.jit` it compiles once per (batch shape,
+text conditioning, the guidance scale, the scheduler and, for schedulers that inject noise
+between steps (LCM, DDIM with eta > 0), a function giving each step's noise. No hidden
+randomness, no host round trips; the whole loop is one `lax.fori_loop`, so under `jax.jit` it compiles once per (batch shape,
 scheduler, steps). It mirrors diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
 with `latents=`, `prompt_embeds=`, `negative_prompt_embeds=` and `output_type="latent"`:
 
@@ -13,7 +14,8 @@ with `latents=`, `prompt_embeds=`, `negative_prompt_embeds=` and `output_type="l
 * classifier-free guidance runs the unconditional and conditional branches in one UNet call
   and combines them as `uncond + g * (cond - uncond)`;
 * without an unconditional branch (`uncond=None`, what the pipelines do for g <= 1) the UNet
-  sees only the conditional branch.
+  sees only the conditional branch: one call of batch B per step (LCM at guidance 1);
+* the step noise is what diffusers draws with `randn_tensor` inside `scheduler.step`.
 
 The two branches of an example sit next to each other in the UNet batch (u0, c0, u1, c1, ...)
 rather than as two halves (u0, u1, ..., c0, c1, ...) as in diffusers. UNet rows are
@@ -33,6 +35,8 @@ from agfsync_jax.sampling.schedulers import Scheduler
 
 # eps_fn(unet_params, latents (N, C, H, W), timestep (), context (N, L, D), added_cond | None) -> (N, C, H, W)
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array, dict[str, jax.Array] | None], jax.Array]
+# step_noise(model call index ()) -> (B, C, H, W) unit Gaussians for that step
+StepNoiseFn = Callable[[jax.Array], jax.Array]
 
 
 class Conditioning(NamedTuple):
@@ -74,7 +78,8 @@ def guided_model_input(cond: Conditioning, uncond: Conditioning | None) -> tuple
 
 
 def denoise(eps_fn: EpsFn, unet_params: Any, scheduler: Scheduler, latents: jax.Array, cond: Conditioning,
-            uncond: Conditioning | None, guidance_scale: jax.Array | float) -> jax.Array:
+            uncond: Conditioning | None, guidance_scale: jax.Array | float,
+            step_noise: StepNoiseFn | None = None) -> jax.Array:
     """Runs the sampler; returns the final latents in UNet space (what the VAE decodes after
     dividing by its scaling factor).
 
@@ -86,11 +91,15 @@ def denoise(eps_fn: EpsFn, unet_params: Any, scheduler: Scheduler, latents: jax.
         cond: conditional text conditioning, batch B. SDXL needs `pooled` and `time_ids`.
         uncond: unconditional conditioning, batch B, or None for no classifier-free guidance.
         guidance_scale: scalar, traced; ignored when `uncond` is None.
+        step_noise: each step's noise (see `StepNoiseFn`); required when
+            `scheduler.needs_step_noise`, unused otherwise.
     """
     if (cond.pooled is None) != (cond.time_ids is None):
         raise ValueError("SDXL conditioning needs both `pooled` and `time_ids` (or neither for SD1.x)")
     if uncond is not None and (uncond.pooled is None) != (cond.pooled is None):
         raise ValueError("cond and uncond must both carry SDXL's pooled embeddings, or neither")
+    if scheduler.needs_step_noise and step_noise is None:
+        raise ValueError(f"scheduler {scheduler.name!r} injects noise between steps: pass `step_noise`")
     context, added = guided_model_input(cond, uncond)
     guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
     x = latents.astype(jnp.float32) * scheduler.init_noise_sigma
@@ -107,7 +116,8 @@ def denoise(eps_fn: EpsFn, unet_params: Any, scheduler: Scheduler, latents: jax.
             eps_pairs = eps_pairs.reshape((x.shape[0], 2) + x.shape[1:])
             eps_uncond, eps_cond = eps_pairs[:, 0], eps_pairs[:, 1]
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        return scheduler.step(state, eps, i, x)
+        noise = step_noise(i) if scheduler.needs_step_noise else None
+        return scheduler.step(state, eps, i, x, noise)
 
     x, _ = jax.lax.fori_loop(0, scheduler.num_model_calls, body, (x, state))
     return x
