@@ -61,6 +61,11 @@ def _scheduler(config: Any, model_path: Path) -> schedulers.Scheduler:
     scheduler_config = json.loads(path.read_text())
     s = config.sampling
     name = schedulers.resolve_name(s.scheduler, scheduler_config, str(path))
+    if name == "lcm" and not s.lora_path and scheduler_config.get("_class_name") != "LCMScheduler":
+        # A few LCM steps of a UNet that was never consistency-distilled give no clean image.
+        logging.warning("sample: sampling.scheduler='lcm' without sampling.lora_path on %s (its scheduler is %s): "
+                        "the UNet must already be LCM-distilled, e.g. with an LCM-LoRA fused in", model_path,
+                        scheduler_config.get("_class_name"))
     return schedulers.make_scheduler(name, scheduler_config, s.steps, eta=s.eta)
 
 

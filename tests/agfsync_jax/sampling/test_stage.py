@@ -339,3 +339,17 @@ def test_lcm_folder_is_sampled_with_lcm_by_default(tiny_sd1_path, tmp_path):
     assert settings["scheduler"] == "lcm"
     stage.run(config, str(_new_workdir(tmp_path / "b")))
     _assert_same_candidates(tmp_path / "b", tmp_path / "a")
+
+
+def test_sdxl_lcm_lora_config_gives_the_authors_sampler(tiny_sdxl_path):
+    """configs/sdxl_lcm_lora.py on an SDXL folder (Euler scheduler config): LCM, 5 steps of the
+    50-point distillation schedule, no classifier-free guidance."""
+    from configs import sdxl_lcm_lora
+
+    from agfsync_jax.sampling import stage
+
+    config = sdxl_lcm_lora.get_config()
+    sched = stage._scheduler(config, tiny_sdxl_path)
+    assert sched.name == "lcm" and sched.needs_step_noise
+    np.testing.assert_array_equal(sched.timesteps, [999, 799, 599, 399, 199])
+    assert config.sampling.guidance_scale == 1.0 and config.sampling.lora_path == ""
