@@ -2,7 +2,7 @@
 
 - diffusers 0.39 logs "Flax classes are deprecated" from every Flax attention module's setup,
   i.e. once per layer per trace; transformers 4.57 logs the same once. We pin those versions on
-  purpose (design.md section 4), so the message carries no information.
+  purpose (docs/design.md section 4), so the message carries no information.
 - orbax logs every step of every checkpoint save at INFO through absl.
 Nothing else is filtered; warnings and errors from these libraries still show.
 """

@@ -1,64 +1,91 @@
-"""The `agfsync-jax` command: one subcommand per pipeline stage.
+"""The `agfsync-jax` command: one subcommand per stage of `agfsync_jax.stages.STAGES`.
 
     agfsync-jax STAGE --config=configs/tiny.py --workdir=DIR [--config.train.learning_rate=1e-6 ...]
+    agfsync-jax clean STAGE --workdir=DIR
 
-Every stage module exposes `run(config, workdir)`; this file only parses flags and dispatches.
-Stages are imported lazily so that `agfsync-jax prompts` never starts JAX or PyTorch.
+Only flags are parsed and a stage is dispatched here. The project's own errors (`errors.UserError`:
+config, inputs, checkpoints, weights) print as one line and exit with status 2; the traceback goes
+to a log file (and to the console with --verbose). Unexpected errors keep their traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
+import tempfile
+import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# stage name -> ("module", "function", one-line help). Only stages that exist are listed.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "tiny-model": ("agfsync_jax.models.tiny", "run", "build the tiny random base model"),
-    "prompts": ("data_prep.prompts.stage", "run",
-                "write prompts, yes-questions and instruction pairs (prompts/prompts.jsonl)"),
-    "sample": ("agfsync_jax.sampling.stage", "run",
-               "sample N candidates per prompt: images, latents, manifests (candidates/)"),
-    "score": ("data_prep.scoring.stage", "run",
-              "score candidates (VQA, CLIP, aesthetic) and write the pair dataset (scores/, pairs/)"),
-    "train": ("agfsync_jax.training.stage", "run", "Diffusion-DPO finetuning of the UNet (train/)"),
-    "export": ("agfsync_jax.export", "run", "trained UNet -> diffusers PyTorch pipeline folder"),
-    "eval": ("agfsync_jax.evaluation.stage", "run", "base vs finetuned: win rates, scores, image grids"),
-    "pipeline": ("agfsync_jax.pipeline", "run", "every stage in order, skipping finished ones"),
-}
+from agfsync_jax import stages
+from agfsync_jax.errors import UserError
+
+# Set by `agfsync_jax.stage_runner` for a stage it runs in a child process: where to leave the
+# stage's summary.
+SUMMARY_ENV = "AGFSYNC_SUMMARY_OUT"
+USER_ERROR_EXIT = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the run (stage artifacts).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of configuration and input errors too.")
 
 
-def _usage() -> str:
+def usage() -> str:
     lines = ["usage: agfsync-jax STAGE --config=CONFIG --workdir=DIR [--config.x.y=value ...]",
-             "", "stages:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in STAGES.items()]
+             "       agfsync-jax clean STAGE --workdir=DIR", "", "stages:"]
+    lines += [f"  {s.name:<12} {s.help}" for s in stages.STAGES]
     return "\n".join(lines)
 
 
-def _main(argv: list[str], stage: str) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required\n" + _usage())
-    module_name, fn_name, _ = STAGES[stage]
-    if stage != "prompts":  # the prompts stage must not pay for importing diffusers
+def _report_user_error(stage: str, error: UserError) -> None:
+    log = os.path.join(tempfile.gettempdir(), f"agfsync-jax-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("".join(traceback.format_exception(error)))
+    if _VERBOSE.value:
+        traceback.print_exception(error)
+    message = str(error).strip().replace("\n", " ")
+    print(f"agfsync-jax {stage}: error: {message}\n(traceback: {log}; --verbose prints it)", file=sys.stderr)
+
+
+def _main(argv: list[str], stage_name: str) -> None:
+    stage = stages.get(stage_name)
+    positional = argv[1:]
+    if stage.name == "clean":
+        if len(positional) != 1 or _WORKDIR.value is None:
+            raise app.UsageError("usage: agfsync-jax clean STAGE --workdir=DIR")
+    elif positional:
+        raise app.UsageError(f"unexpected arguments: {positional}")
+    elif _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required\n" + usage())
+    if not stage.light:
         from agfsync_jax.log_noise import quiet_third_party_logs
 
         quiet_third_party_logs()
-    logging.info("stage %s, workdir %s", stage, _WORKDIR.value)
-    getattr(importlib.import_module(module_name), fn_name)(_CONFIG.value, _WORKDIR.value)
+    logging.info("stage %s, workdir %s", stage.name, _WORKDIR.value)
+    module = importlib.import_module(stage.module)
+    try:
+        if stage.name == "clean":
+            summary = module.run_clean(positional[0], _WORKDIR.value)
+        else:
+            summary = module.run(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        _report_user_error(stage.name, e)
+        sys.exit(USER_ERROR_EXIT)
+    out = os.environ.get(SUMMARY_ENV)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(summary or {}, f, default=str)
 
 
 def run() -> None:
     """Console-script entry: `agfsync-jax STAGE ...`."""
-    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(_usage(), file=sys.stderr)
+    if len(sys.argv) < 2 or sys.argv[1] not in stages.BY_NAME:
+        print(usage(), file=sys.stderr)
         sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
     stage = sys.argv[1]
     argv = [f"{sys.argv[0]} {stage}"] + sys.argv[2:]

@@ -1,4 +1,4 @@
-"""The work directory layout (design.md section 3), named once.
+"""The work directory layout (docs/design.md section 3), named once.
 
 WORKDIR/
   base_model/   the tiny default's materialised diffusers folder (tiny configs only)
@@ -8,7 +8,9 @@ WORKDIR/
   pairs/        TFRecord shards + TFDS metadata
   train/        orbax checkpoints, TensorBoard events, config.json
   export/       diffusers pipeline folder
-  eval/         metrics.json, report.md, grids
+  eval/<set>/   one prompt set's evaluation: metrics.json, report.md, grids, and
+    base/ finetuned/   each a small work directory of its own (prompts, candidates, scores)
+    judge/             the VLM judge's judgments.jsonl, summary.json and reply cache
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ PAIRS = "pairs"
 TRAIN = "train"
 EXPORT = "export"
 EVAL = "eval"
+# Relative to an eval set's directory (WORKDIR/eval/<set>).
+JUDGE = "judge"
+JUDGE_JUDGMENTS = "judge/judgments.jsonl"
+JUDGE_SUMMARY = "judge/summary.json"
 
 # A stage writes this file last, atomically; its presence means "complete, skip on re-run".
 DONE_MARKER = "_DONE.json"

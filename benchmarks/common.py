@@ -3,7 +3,7 @@
 Model sizes (one definition, so the DPO-step, sampling and memory benchmarks measure the same
 networks):
 
-    tiny   agfsync_jax.models.tiny's SD1 pipeline: 32 px images, 16 x 16 latents, UNet channels
+    tiny   agfsync_jax.tiny.pipeline's SD1 pipeline: 32 px images, 16 x 16 latents, UNet channels
            (32, 64). Seconds per step; shows fixed overheads (dispatch, optimizer, launches).
     mid    an SD1.5-shaped pipeline scaled down to run on a laptop CPU: the same block layout
            (3 cross-attention down blocks + 1 plain, mid block, mirrored up blocks, 2 resnets per
@@ -85,7 +85,7 @@ SIZES = {
 def unet_config(size: str) -> dict[str, Any]:
     """The diffusers UNet2DConditionModel kwargs of a size (tiny: read from the built model)."""
     if size == "tiny":
-        from agfsync_jax.models.tiny import build_tiny_pipeline
+        from agfsync_jax.tiny.pipeline import build_tiny_pipeline
 
         return dict(build_tiny_pipeline("sd1").unet.config)
     return dict({"mid": MID_UNET, "sd15": SD15_UNET, "sdxl": SDXL_UNET}[size])
@@ -107,7 +107,8 @@ def build_torch_pipeline(size: str, seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from agfsync_jax.models.tiny import build_tiny_pipeline, write_tokenizer_files
+    from agfsync_jax.tiny.pipeline import build_tiny_pipeline
+    from agfsync_jax.tiny.tokenizer import write_tokenizer_files
 
     if size == "tiny":
         return build_tiny_pipeline("sd1", seed)

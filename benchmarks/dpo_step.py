@@ -64,7 +64,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _host_batch(b: int, latent_hw: int, seed: int) -> dict[str, np.ndarray]:
-    """What the pair dataset yields for one global batch (see agfsync_jax.pair_dataset)."""
+    """What the pair dataset yields for one global batch (see agfsync_jax.pairs.dataset)."""
     rng = np.random.default_rng(seed)
     words = ("red", "blue", "cat", "dog", "house", "tree", "on", "a", "table", "under", "sky", "two")
     prompts = [" ".join(rng.choice(words, size=8)) for _ in range(b)]

@@ -58,7 +58,7 @@ def plan(model: str, batch: int, dtype: str, remat: bool, attention: str = "diff
 
     from agfsync_jax import sharding
     from agfsync_jax.training import losses, noise as noise_lib
-    from agfsync_jax.training.objective import make_denoiser
+    from agfsync_jax.models.denoiser import make_denoiser
     from agfsync_jax.training.train_state import (abstract_train_state, learning_rate_schedule, make_optimizer,
                                                   train_state_shardings)
     from agfsync_jax.training.train_step import Frozen, frozen_shardings, make_train_step

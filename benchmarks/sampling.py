@@ -39,7 +39,7 @@ def build_mid_pipeline(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from agfsync_jax.models.tiny import write_tokenizer_files
+    from agfsync_jax.tiny.tokenizer import write_tokenizer_files
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,12 +71,12 @@ def build_mid_pipeline(seed: int = 0) -> Any:
 
 def model_folder(name: str, cache: Path) -> tuple[Path, int]:
     """The model folder (built once, then reused) and its resolution."""
-    from agfsync_jax.models import tiny
+    from agfsync_jax.tiny import build as tiny_build, pipeline as tiny
 
     folder = cache / f"sampling-{name}"
     if name == "tiny":
         if not folder.exists():
-            tiny.save_tiny_pipeline("sd1", folder, seed=0)
+            tiny_build.save_tiny_pipeline("sd1", folder, seed=0)
         return folder, tiny.TINY_RESOLUTION
     if not folder.exists():
         build_mid_pipeline().save_pretrained(folder, safe_serialization=True)

@@ -4,7 +4,7 @@
 
 Needs no network and no weights (`make demo` runs it; about 5 minutes on 2 CPU cores, 3.3 of them
 pretraining). The tiny UNet is first pretrained for 300 steps into a denoiser of synthetic latents
-that differ in smoothness (agfsync_jax/models/tiny_pretrain.py); the VAE, text encoder and
+that differ in smoothness (agfsync_jax/tiny/pretrain.py); the VAE, text encoder and
 scorers stay random, so the images are texture-like. A random UNet gives DPO nothing to learn
 (docs/tiny_closed_loop.md); the pretrained one does: on 96 prompts the finetuned model should beat
 the base on the training reward, 70 wins / 26 losses (sign test p = 4e-6) when measured. Use
@@ -13,7 +13,7 @@ for a random UNet.
 """
 
 from configs import common
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 
 
 def get_config():
@@ -33,8 +33,10 @@ def get_config():
     c.sampling.steps = 10
     c.sampling.batch_size = 8
 
-    # Tiny random CLIP / BLIP-2 / aesthetic head, built under WORKDIR/scores/tiny_models.
+    # Tiny random CLIP / BLIP-2 / aesthetic head / HPS / VILA, built under WORKDIR/scores/tiny_models.
     c.scoring.tiny = True
+    # The reward's aesthetic is the tiny LAION head (the demo's reward predates VILA; keep it).
+    c.scoring.aesthetic = "laion"
 
     c.train.batch_size = 8
     c.train.steps = 40
@@ -44,5 +46,8 @@ def get_config():
     c.train.checkpoint_every = 20
 
     c.eval.num_prompts = 96
+    # Scored in the eval only, not weighted: the tiny HPS v2 and VILA models, so the report has
+    # their columns (the paper's Table 1 metrics).
+    c.eval.extra_scorers = "hps,vila"
     c.eval.grid_prompts = 4
     return c

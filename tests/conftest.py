@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny(tmp_path_factory: pytest.TempPathFactory, family: str, safetensors: bool) -> Path:
-    from agfsync_jax.models import tiny
+    from agfsync_jax.tiny import build as tiny
 
     out = tmp_path_factory.mktemp("models") / f"tiny-{family}-{'st' if safetensors else 'bin'}"
     return tiny.save_tiny_pipeline(family, out, seed=0, safetensors=safetensors)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from agfsync_jax.evaluation import statistics
+from agfsync_jax.evaluation import judge_table, statistics
 from agfsync_jax.schemas import ScoreRow
 
 GRID_CELL = 192  # pixels per image in the grids: tiny models' 32 px images are upscaled
@@ -116,8 +116,20 @@ def win_rate_plot(win_rates: dict[str, dict[str, float]]) -> bytes:
     return buf.getvalue()
 
 
-def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str, title: str) -> str:
+def _prompt_set_lines(prompt_set: dict[str, Any] | None) -> list[str]:
+    if not prompt_set:
+        return []
+    by_cat = ", ".join(f"{c} {n}/{m}" for c, (n, m) in prompt_set["by_category"].items())
+    seen = prompt_set.get("dropped_seen_in_training")
+    return [f"Prompt set `{prompt_set['name']}` ({prompt_set['source']}): {prompt_set['selected']} of "
+            f"{prompt_set['available']} prompts, drawn stratified by category ({by_cat})"
+            + (f"; {seen} prompt(s) that training saw were left out" if seen else "") + ".", ""]
+
+
+def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str, title: str,
+              judge_md: str = "") -> str:
     lines = [f"# {title}", "", f"{metrics['num_prompts']} prompts, same seed for base and finetuned.", ""]
+    lines += _prompt_set_lines(metrics.get("prompt_set"))
     lines += ["## Mean scores (95% bootstrap CI)", "", "| score | base | finetuned |", "|---|---|---|"]
     for name, base in metrics["scores"]["base"].items():
         fine = metrics["scores"]["finetuned"][name]
@@ -152,14 +164,20 @@ def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str
     else:
         lines.append("Not available: the score rows hold no per-question VQA answers (VQA not scored).")
     lines.append("")
+    if judge_md:
+        lines.append(judge_md)
     lines += ["## Side by side (base | finetuned)", ""] + [f"![grid]({g})" for g in grid_files] + [""]
     return "\n".join(lines)
 
 
 def write_report(items: Sequence[EvalItem], out_dir: str | Path, grid_prompts: int = 8, seed: int = 0,
-                 title: str = "agfsync-jax evaluation") -> dict[str, Any]:
+                 title: str = "agfsync-jax evaluation", prompt_set: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes metrics.json, report.md, the grids and the plot to `out_dir`; `prompt_set` is the
+    selection summary (`prompt_selection.stratified_sample`) the report states."""
     out_dir = Path(out_dir)
     metrics = compute_metrics(items, seed=seed)
+    if prompt_set is not None:
+        metrics["prompt_set"] = prompt_set
     grid_files = []
     for start in range(0, min(grid_prompts, len(items)), 4):
         name = f"grid_{start // 4:02d}.png"
@@ -170,5 +188,9 @@ def write_report(items: Sequence[EvalItem], out_dir: str | Path, grid_prompts: i
     atomic_write_bytes(out_dir / "win_rates.png", win_rate_plot(metrics["win_rates"]))
     metrics["files"] = {"grids": grid_files, "win_rate_plot": "win_rates.png", "report": "report.md"}
     atomic_write_json(out_dir / "metrics.json", metrics)
-    atomic_write_text(out_dir / "report.md", _markdown(metrics, grid_files, "win_rates.png", title))
+    # The judge's table when the judge stage has run (WORKDIR/eval/judge/summary.json).
+    judge_summary = judge_table.summary_path(out_dir)
+    judge_md = (judge_table.judge_markdown(judge_table.load_summary(judge_summary))
+                if judge_summary.is_file() else "")
+    atomic_write_text(out_dir / "report.md", _markdown(metrics, grid_files, "win_rates.png", title, judge_md))
     return metrics

@@ -1,4 +1,4 @@
-"""Candidate sampling (design.md section 6): N noisy-embedding candidates per prompt, on a mesh.
+"""Candidate sampling (docs/design.md section 6): N noisy-embedding candidates per prompt, on a mesh.
 
     schedulers      diffusers' Flax schedulers driven by step index, fixed to match PyTorch;
                     LCM and stochastic DDIM in JAX; which one (the folder's by default)

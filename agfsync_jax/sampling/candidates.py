@@ -21,7 +21,8 @@ import numpy as np
 from agfsync_jax.models.loading import FAMILY_SDXL, StableDiffusion
 from agfsync_jax.models.text_encoding import encode_tokens, tokenize, unconditional_embeddings
 from agfsync_jax.sampling import decode, noise
-from agfsync_jax.sampling.denoise import Conditioning, EpsFn, denoise, flax_unet
+from agfsync_jax.models.denoiser import Conditioning, Denoiser, make_denoiser
+from agfsync_jax.sampling.denoise import denoise
 from agfsync_jax.sampling.schedulers import Scheduler
 
 # Per-example fields of a batch (leading dim B):
@@ -42,7 +43,7 @@ class CandidateModels:
 
     family: str
     text_encoders: tuple[Any, ...]
-    eps_fn: EpsFn
+    denoise_fn: Denoiser
     vae: Any | None  # None: return latents only
     vae_config: Mapping[str, Any]
     scheduler: Scheduler
@@ -85,7 +86,7 @@ def generate(models: CandidateModels, params: Mapping[str, Any], batch: Mapping[
     step_noise = None
     if models.scheduler.needs_step_noise:
         step_noise = functools.partial(noise.step_noise, batch["step_noise_keys"], latent_shape=models.latent_shape)
-    final = denoise(models.eps_fn, params["unet"], models.scheduler, latents, cond, negative, guidance_scale,
+    final = denoise(models.denoise_fn, params["unet"], models.scheduler, latents, cond, negative, guidance_scale,
                     step_noise)
     out = {"latents": final}
     if models.vae is not None:
@@ -111,7 +112,7 @@ def candidate_models(sd: StableDiffusion, scheduler: Scheduler, resolution: int,
     if sd.vae is None:
         raise ValueError(f"{sd.path}: load the VAE too (its config fixes the latent shape)")
     return CandidateModels(
-        family=sd.family, text_encoders=tuple(e.module for e in sd.text_encoders), eps_fn=flax_unet(sd.unet.module),
+        family=sd.family, text_encoders=tuple(e.module for e in sd.text_encoders), denoise_fn=make_denoiser(sd.unet.module),
         vae=sd.vae.module if decode_images else None, vae_config=dict(sd.vae.config),
         scheduler=scheduler, latent_shape=latent_shape(sd.unet.config, sd.vae.config, resolution, f"({sd.path})"),
         # diffusers runs classifier-free guidance only for guidance_scale > 1.

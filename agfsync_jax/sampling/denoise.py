@@ -1,13 +1,13 @@
 """The pure denoising core: initial latents + text conditioning -> final latents.
 
-    eps_fn = flax_unet(sd.unet.module)
-    x0 = denoise(eps_fn, sd.unet.params, scheduler, latents, cond, uncond, guidance_scale=7.5)
+    x0 = denoise(make_denoiser(sd.unet.module), sd.unet.params, scheduler, latents, cond, uncond,
+                 guidance_scale=7.5)
 
 Everything is explicit: the initial latents (unit Gaussians), the conditional and unconditional
 text conditioning, the guidance scale, the scheduler and, for schedulers that inject noise
 between steps (LCM, DDIM with eta > 0), a function giving each step's noise. No hidden
-randomness, no host round trips; the whole loop is one `lax.fori_loop`, so under `jax.jit` it compiles once per (batch shape,
-scheduler, steps). It mirrors diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
+randomness, no host round trips; the whole loop is one `lax.fori_loop`, so under `jax.jit` it
+compiles once per (batch shape, scheduler, steps). It mirrors diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
 with `latents=`, `prompt_embeds=`, `negative_prompt_embeds=` and `output_type="latent"`:
 
 * the given latents are multiplied by `scheduler.init_noise_sigma`;
@@ -26,33 +26,16 @@ on the device that holds the example instead of being exchanged between devices 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from agfsync_jax.models.denoiser import Conditioning, Denoiser
 from agfsync_jax.sampling.schedulers import Scheduler
 
-# eps_fn(unet_params, latents (N, C, H, W), timestep (), context (N, L, D), added_cond | None) -> (N, C, H, W)
-EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array, dict[str, jax.Array] | None], jax.Array]
 # step_noise(model call index ()) -> (B, C, H, W) unit Gaussians for that step
 StepNoiseFn = Callable[[jax.Array], jax.Array]
-
-
-class Conditioning(NamedTuple):
-    """Text conditioning of a batch. `pooled` and `time_ids` are SDXL's added conditions."""
-
-    embeds: jax.Array  # (B, L, D) cross-attention context
-    pooled: jax.Array | None = None  # (B, P) pooled text embedding of the second encoder
-    time_ids: jax.Array | None = None  # (B, 6) original size, crop offset, target size
-
-
-def flax_unet(module: Any) -> EpsFn:
-    """The model-output function of a diffusers Flax UNet, in float32."""
-    def eps_fn(params, latents, timestep, context, added_cond):
-        out = module.apply({"params": params}, latents, timestep, context, added_cond_kwargs=added_cond).sample
-        return out.astype(jnp.float32)
-    return eps_fn
 
 
 def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -60,31 +43,21 @@ def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 
 
-def _added_cond(cond: Conditioning) -> dict[str, jax.Array] | None:
-    if cond.pooled is None:
-        return None
-    return {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-
-
-def guided_model_input(cond: Conditioning, uncond: Conditioning | None) -> tuple[jax.Array, dict | None]:
-    """The UNet's context and added conditions for one guided call (branches interleaved)."""
+def guided_model_input(cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
+    """The UNet's conditioning for one guided call (branches interleaved)."""
     if uncond is None:
-        return cond.embeds, _added_cond(cond)
-    context = _interleave(uncond.embeds, cond.embeds)
-    if cond.pooled is None:
-        return context, None
-    return context, {"text_embeds": _interleave(uncond.pooled, cond.pooled),
-                     "time_ids": _interleave(uncond.time_ids, cond.time_ids)}
+        return cond
+    return jax.tree_util.tree_map(_interleave, uncond, cond)
 
 
-def denoise(eps_fn: EpsFn, unet_params: Any, scheduler: Scheduler, latents: jax.Array, cond: Conditioning,
+def denoise(denoise_fn: Denoiser, unet_params: Any, scheduler: Scheduler, latents: jax.Array, cond: Conditioning,
             uncond: Conditioning | None, guidance_scale: jax.Array | float,
             step_noise: StepNoiseFn | None = None) -> jax.Array:
     """Runs the sampler; returns the final latents in UNet space (what the VAE decodes after
     dividing by its scaling factor).
 
     Args:
-        eps_fn: the UNet as a function (see `flax_unet`).
+        denoise_fn: the UNet as a function (`agfsync_jax.models.denoiser.make_denoiser`).
         unet_params: its parameters (traced, so they may be sharded).
         scheduler: a `Scheduler` set up for the number of steps (static).
         latents: (B, C, H, W) unit Gaussian initial latents.
@@ -100,7 +73,7 @@ def denoise(eps_fn: EpsFn, unet_params: Any, scheduler: Scheduler, latents: jax.
         raise ValueError("cond and uncond must both carry SDXL's pooled embeddings, or neither")
     if scheduler.needs_step_noise and step_noise is None:
         raise ValueError(f"scheduler {scheduler.name!r} injects noise between steps: pass `step_noise`")
-    context, added = guided_model_input(cond, uncond)
+    model_cond = guided_model_input(cond, uncond)
     guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
     x = latents.astype(jnp.float32) * scheduler.init_noise_sigma
     state = scheduler.init_state(x.shape)
@@ -110,9 +83,9 @@ def denoise(eps_fn: EpsFn, unet_params: Any, scheduler: Scheduler, latents: jax.
         x_in = scheduler.scale_model_input(state, x, i)
         t = scheduler.timestep(i)
         if uncond is None:
-            eps = eps_fn(unet_params, x_in, t, context, added)
+            eps = denoise_fn(unet_params, x_in, t, model_cond)
         else:
-            eps_pairs = eps_fn(unet_params, _interleave(x_in, x_in), t, context, added)
+            eps_pairs = denoise_fn(unet_params, _interleave(x_in, x_in), t, model_cond)
             eps_pairs = eps_pairs.reshape((x.shape[0], 2) + x.shape[1:])
             eps_uncond, eps_cond = eps_pairs[:, 0], eps_pairs[:, 1]
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from agfsync_jax.base_model import folder_identity
 from agfsync_jax.models.loading import StableDiffusion
 
 
@@ -31,6 +32,15 @@ def check_lora_settings(lora_path: str, lora_scale: float) -> None:
         return
     if not Path(lora_path).exists():
         raise FileNotFoundError(f"sampling.lora_path={lora_path!r}: no such file or folder")
+
+
+def lora_identity(lora_path: str) -> dict[str, str]:
+    """The sampling LoRA's part of the `sample` stage fingerprint: a changed file is a changed run."""
+    if not lora_path:
+        return {}
+    if not Path(lora_path).exists():
+        raise FileNotFoundError(f"sampling.lora_path={lora_path!r}: no such file or folder")
+    return {"sampling.lora_identity": folder_identity(lora_path)}
 
 
 def sampling_unet_params(sd: StableDiffusion, lora_path: str, lora_scale: float) -> Any:

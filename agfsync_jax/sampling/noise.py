@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from agfsync_jax.sampling.denoise import Conditioning
+from agfsync_jax.models.denoiser import Conditioning
 
 # Pinned so that a different `jax_default_prng_impl` cannot change the candidates of a seed.
 PRNG_IMPL = "threefry2x32"
@@ -43,7 +43,7 @@ def perturb_conditioning(cond: Conditioning, noise_key_data: jax.Array, embeds_s
     guidance stays clean. `embeds_sigma` and `pooled_sigma` are (B,) so that, e.g., candidate 0
     can stay clean (sigma 0) in the same compiled program. SDXL's pooled embedding gets its own
     noise only with `pooled_sigma > 0` (the authors' released code adds unit-variance noise
-    there, which we treat as a bug; design.md section 10).
+    there, which we treat as a bug; docs/design.md section 10).
     """
     embeds_keys, pooled_keys = jnp.moveaxis(jax.vmap(jax.random.split)(_keys(noise_key_data)), 1, 0)
     embeds = cond.embeds.astype(jnp.float32)

@@ -168,19 +168,23 @@ class ManifestWriter:
         self._appender.close()
 
 
-def check_settings(out_dir: Path, settings: Mapping[str, Any], write: bool) -> None:
+def check_settings(out_dir: Path, settings: Mapping[str, Any], write: bool, workdir: Path | None = None) -> None:
     """Refuses to mix candidates sampled with different settings in one directory.
 
     The first run records `settings`; later runs must match them field by field.
     """
+    from agfsync_jax.done_marker import redo_hint
+    from agfsync_jax.errors import StageChangedError
+    from agfsync_jax.fingerprint import changed_fields
+
     path = out_dir / SETTINGS_FILE
     if path.exists():
         recorded = json.loads(path.read_text())
-        changed = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
+        changed = changed_fields(recorded, settings)
         if changed:
-            detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(f"{path}: the candidates here were sampled with other settings ({detail}); "
-                             f"use a new work directory or remove {out_dir}")
+            detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed[:8])
+            raise StageChangedError(f"sample: the candidates in {out_dir} were sampled with other settings ({detail}); "
+                                    f"{redo_hint('sample', workdir or out_dir.parent)}")
     elif write:
         atomic_io.atomic_write_json(path, dict(settings))
 

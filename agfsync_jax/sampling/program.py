@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agfsync_jax import sharding
 from agfsync_jax.sampling.candidates import CandidateModels, generate
-from agfsync_jax.sampling.denoise import Conditioning
+from agfsync_jax.models.denoiser import Conditioning
 
 
 def batch_shapes(models: CandidateModels, batch_size: int, token_length: int) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -1,4 +1,4 @@
-"""Stage `sample`: prompts.jsonl -> candidate images, latents and manifest rows (design.md 3, 6).
+"""Stage `sample`: prompts.jsonl -> candidate images, latents and manifest rows (docs/design.md sections 3, 6).
 
     agfsync-jax sample --config=configs/tiny.py --workdir=DIR
 
@@ -23,11 +23,12 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from agfsync_jax import atomic_io, sharding
+from agfsync_jax import base_model, done_marker, fingerprint, sharding
 from agfsync_jax import workdir as workdir_lib
+from agfsync_jax.base_model import resolve_base_model_on_every_process
+from agfsync_jax.errors import MissingInputError
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, detect_family, load_stable_diffusion
-from agfsync_jax.models.tiny import resolve_base_model_on_every_process
 from agfsync_jax.sampling import batching, candidates, model_setup, outputs, schedulers
 from agfsync_jax.sampling.compile_count import CompileCounter
 from agfsync_jax.sampling.program import SamplingProgram, check_batch_layout
@@ -38,19 +39,20 @@ from agfsync_jax.schemas import ManifestRow, read_prompts
 _WRITER_THREADS = 4
 
 
-def _settings(config: Any, family: str, scheduler: str) -> dict[str, Any]:
-    """Everything that determines the candidates' content (not how fast they are made).
+# Fields that change how fast candidates are made, not what they are. With sampling.shard_params
+# the last bits may depend on the mesh (see configs/common.py); that is accepted as "the same".
+IGNORED = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params",
+           "model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size", "model.tiny_pretrain_learning_rate")
 
-    `scheduler` is the resolved name (sampling.scheduler "" stands for the folder's class).
-    """
-    s = config.sampling
-    return {"model_path": config.model.path, "model_tiny": config.model.tiny, "family": family,
-            "resolution": config.model.resolution, "compute_dtype": config.model.compute_dtype,
-            "seed": config.seed, "num_candidates": s.num_candidates, "noise_sigma": s.noise_sigma,
-            "clean_first_candidate": s.clean_first_candidate, "pooled_noise_sigma": s.pooled_noise_sigma,
-            "shared_initial_latents": s.shared_initial_latents, "scheduler": scheduler, "steps": s.steps,
-            "eta": s.eta, "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
-            "lora_path": s.lora_path, "lora_scale": s.lora_scale, "save_png": s.save_png}
+
+def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Everything that determines the candidates' content: the model, sampling and seed fields
+    (all but IGNORED), the base model's identity (which fixes what sampling.scheduler="" resolves
+    to), a sampling LoRA's identity and the prompts they were sampled for."""
+    prompts = done_marker.read(Path(workdir) / workdir_lib.PROMPTS) or {}
+    return {**fingerprint.config_settings(config, ("seed", "model", "sampling"), IGNORED),
+            **base_model.model_identity(config), **model_setup.lora_identity(config.sampling.lora_path),
+            "inputs.prompts": prompts.get(done_marker.FINGERPRINT, "")}
 
 
 def _scheduler(config: Any, model_path: Path) -> schedulers.Scheduler:
@@ -184,14 +186,14 @@ def _plan(config: Any, workdir: Path, is_lead: bool) -> _Plan:
     s = config.sampling
     prompts_path = workdir / workdir_lib.PROMPTS_FILE
     if not prompts_path.is_file():
-        raise FileNotFoundError(f"{prompts_path}: no prompts; run the `prompts` stage first")
+        raise MissingInputError(f"{prompts_path}: no prompts; run the `prompts` stage first")
     out_dir = workdir / workdir_lib.CANDIDATES
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_base_model_on_every_process(config, workdir)
     family = detect_family(model_path)
-    scheduler = _scheduler(config, model_path)
     model_setup.check_lora_settings(s.lora_path, s.lora_scale)
-    outputs.check_settings(out_dir, _settings(config, family, scheduler.name), write=is_lead)
+    scheduler = _scheduler(config, model_path)
+    outputs.check_settings(out_dir, settings(config, workdir), write=is_lead, workdir=workdir)
 
     records = read_prompts(prompts_path)
     examples = plan_examples(records, s.num_candidates, config.seed)
@@ -265,8 +267,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     check_batch_layout(config.sampling.batch_size, config.sampling.microbatch, mesh.devices.size,
                        jax.process_count())
     plan = _plan(config, Path(workdir), is_lead)
-    if plan.todo:
-        (plan.out_dir / workdir_lib.DONE_MARKER).unlink(missing_ok=True)
+    if plan.todo and is_lead:
+        done_marker.clear(plan.out_dir)
     local_batch = config.sampling.batch_size // jax.process_count()
     num_batches = _global_max(math.ceil(len(plan.todo) / local_batch))
     logging.info("sample: shard %d/%d: %d candidates, %d done, %d to generate in %d batches",
@@ -282,9 +284,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     rows_after, _ = outputs.read_manifests(plan.out_dir)
     missing = outputs.missing_keys((e.key for e in plan.examples), rows_after)
     if not missing and is_lead:
-        atomic_io.atomic_write_json(plan.out_dir / workdir_lib.DONE_MARKER, {
-            "prompts": plan.num_prompts, "candidates": len(plan.examples),
-            "settings": _settings(config, plan.family, plan.scheduler.name)})
+        done_marker.write(plan.out_dir, {"prompts": plan.num_prompts, "candidates": len(plan.examples)},
+                          settings(config, workdir))
     summary = {
         "candidates": len(plan.mine), "generated": stats.generated, "skipped_done": len(plan.mine) - len(plan.todo),
         "regenerated_damaged": plan.damaged, "failed": len(stats.failed),

@@ -4,7 +4,7 @@
     if ckpt.latest_step() is not None:
         state, data_position = ckpt.restore(ckpt.latest_step(), abstract_state)
 
-    step, unet_params = load_trained_params(workdir)   # export / eval: host numpy, any machine
+    step, unet_params = load_params(checkpoint_dir(workdir))   # export: host numpy, any machine
 
 Each checkpoint has two items: "state" (the TrainState: step, params, optimizer state, RNG key,
 skipped-step count; saved sharded, restored onto whatever shardings the abstract state carries)
@@ -200,12 +200,3 @@ def load_params(directory: str | Path, step: int | None = None) -> tuple[int, An
 def checkpoint_dir(workdir: str | Path) -> Path:
     """WORKDIR/train/checkpoints."""
     return Path(workdir) / workdir_lib.TRAIN / CHECKPOINTS
-
-
-def load_trained_params(workdir: str | Path, step: int = -1) -> tuple[int, Any]:
-    """(step, finetuned UNet parameters as host numpy arrays) from WORKDIR/train.
-
-    `step=-1` takes the latest checkpoint (the final one once training is done). The tree is the
-    Flax UNet's parameter tree, ready for `export.export_pipeline(base_folder, params, out)`.
-    """
-    return load_params(checkpoint_dir(workdir), None if step < 0 else step)

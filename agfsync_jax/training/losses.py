@@ -8,7 +8,7 @@ and whether views share one noise draw. Noise, timesteps and the forward passes 
 The cross-validation loss shares one noise draw and timestep across all four views of a record
 (the paper leaves this open): the two triples then differ only in their text.
 
-Diffusion-DPO (Wallace et al. 2023; design.md section 8), per pair with shared noise and t:
+Diffusion-DPO (Wallace et al. 2023; docs/design.md section 8), per pair with shared noise and t:
 
     err(m, x)  = mean_{C,H,W} (m(x_t, t, c) - target)^2
     inside     = -beta/2 * ((err_theta(x_w) - err_theta(x_l)) - (err_ref(x_w) - err_ref(x_l)))
@@ -116,7 +116,7 @@ def cross_dpo_loss(policy_pred: jax.Array, ref_pred: jax.Array | None, target: j
 
 def released_code_dpo_loss(policy_pred: jax.Array, ref_pred: jax.Array | None, target: jax.Array,
                            beta: float) -> tuple[jax.Array, Metrics]:
-    """The AGFSync authors' released-code variant (design.md section 10), for comparisons.
+    """The AGFSync authors' released-code variant (docs/design.md section 10), for comparisons.
 
     The error of a model on winners (losers) is the L2 norm of the whole batch's residual, not
     squared and not per example, so the batch yields one margin; winners and losers get

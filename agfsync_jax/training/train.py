@@ -2,9 +2,8 @@
 
     summary = train_and_evaluate(config, workdir)
 
-WORKDIR/train/ holds `checkpoints/<step>/` (orbax), `tensorboard/` (event files),
-`config.json` (the resolved config of the latest start) and, once `train.steps` is reached,
-the done marker. Re-running resumes from the latest checkpoint: parameters, optimizer state,
+WORKDIR/train/ holds `checkpoints/<step>/` (orbax), `tensorboard/` (event files) and
+`config.json` (the resolved config of the latest start); the `train` stage adds the done marker. Re-running resumes from the latest checkpoint: parameters, optimizer state,
 step, RNG key and the data position, so the run continues exactly as if never interrupted. A
 checkpoint that cannot be restored stops the run with the reason; only an empty checkpoint
 directory starts from the base weights.
@@ -30,13 +29,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from agfsync_jax import atomic_io, sharding, workdir as workdir_lib
+from agfsync_jax.base_model import resolve_base_model_on_every_process
+from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, StableDiffusion, load_stable_diffusion
 from agfsync_jax.models.text_encoding import sdxl_time_ids
-from agfsync_jax.models.tiny import resolve_base_model_on_every_process
 from agfsync_jax.schemas import PAIR_CROSS
 from agfsync_jax.training import checkpointing, losses, noise as noise_lib, text as text_lib
-from agfsync_jax.training.objective import Conditioning, make_denoiser
 from agfsync_jax.training.train_state import (
     TrainState, abstract_train_state, create_train_state, learning_rate_schedule, make_optimizer,
     train_state_shardings)
@@ -58,7 +57,7 @@ class NonFiniteError(FloatingPointError):
 
 
 class PairSource(Protocol):
-    """What the loop needs from the input pipeline (agfsync_jax.pair_dataset.PairDataset)."""
+    """What the loop needs from the input pipeline (agfsync_jax.pairs.dataset.PairDataset)."""
 
     def __next__(self) -> dict[str, np.ndarray]: ...
     def state(self) -> dict[str, Any]: ...
@@ -67,7 +66,7 @@ class PairSource(Protocol):
 
 def open_pairs(config: Any, workdir: str | Path) -> PairSource:
     """This process's slice of WORKDIR/pairs, batched: the loop's only tie to the data format."""
-    from agfsync_jax.pair_dataset import PairDataset
+    from agfsync_jax.pairs.dataset import PairDataset
 
     return PairDataset(Path(workdir) / workdir_lib.PAIRS, global_batch_size=int(config.train.batch_size),
                        seed=int(config.train.shuffle_seed))
@@ -97,7 +96,7 @@ def step_inputs(raw: dict[str, np.ndarray], *, spec: losses.LossSpec, sd: Stable
     return batch
 
 
-def _validate(config: Any, mesh: jax.sharding.Mesh) -> None:
+def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
     cfg = config.train
     if cfg.nonfinite not in NONFINITE_MODES:
         raise ValueError(f"train.nonfinite={cfg.nonfinite!r}, expected one of {NONFINITE_MODES}")
@@ -146,7 +145,7 @@ class _Reporter:
             return
         from tqdm import tqdm
 
-        from agfsync_jax.pair_dataset import tensorflow_cpu_only
+        from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
         tf = tensorflow_cpu_only()
         from tensorflow.core.framework import summary_pb2
@@ -197,7 +196,7 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _check_finite(metrics: dict[str, jax.Array], step: int, mode: str,
+def check_finite(metrics: dict[str, jax.Array], step: int, mode: str,
                   ckpt: checkpointing.Checkpointer) -> None:
     if mode == "stop" and int(jax.device_get(metrics["nonfinite"])):
         raise NonFiniteError(
@@ -233,7 +232,7 @@ class TrainSetup:
 
 def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) -> TrainSetup:
     """Loss, optimizer, shardings, frozen trees and the jitted steps for `config` on `mesh`."""
-    _validate(config, mesh)
+    validate_config(config, mesh)
     cfg = config.train
     spec = losses.get_loss(cfg.loss)
     schedule = noise_lib.schedule_from_config(sd.scheduler_config)
@@ -271,7 +270,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     train_dir = Path(workdir) / workdir_lib.TRAIN
     total_steps = int(cfg.steps)
     mesh = sharding.make_mesh(config.mesh)
-    _validate(config, mesh)  # before loading anything
+    validate_config(config, mesh)  # before loading anything
     if cfg.loss == "released_code_dpo" and float(cfg.beta) != 1.0:
         logging.warning("train.loss=released_code_dpo with beta=%s; the authors' code uses beta=1", cfg.beta)
     base = resolve_base_model_on_every_process(config, workdir)
@@ -308,7 +307,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             batch = sharding.place_batch(setup.inputs(next(pairs)), mesh)
             state, metrics = setup.train_step(state, setup.frozen, batch)
             # Checking means waiting for the step; with "skip" the count in the state suffices.
-            _check_finite(metrics, step, cfg.nonfinite, ckpt)
+            check_finite(metrics, step, cfg.nonfinite, ckpt)
             history.append(metrics)
             reporter.advance()
             if step % int(cfg.log_every) == 0 or step == total_steps:
@@ -332,6 +331,4 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
                **{k: last[k] for k in ("loss", "implicit_acc") if k in last}}
     multihost_utils.sync_global_devices("agfsync:train_done")
-    if jax.process_index() == 0:
-        atomic_io.atomic_write_json(train_dir / workdir_lib.DONE_MARKER, summary)
     return summary

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from agfsync_jax import sharding
 from agfsync_jax.models.text_encoding import TextEmbeddings
 from agfsync_jax.training import losses, noise as noise_lib
-from agfsync_jax.training.objective import Conditioning, Denoiser, objective
+from agfsync_jax.models.denoiser import Conditioning, Denoiser
+from agfsync_jax.training.objective import objective
 from agfsync_jax.training.train_state import TrainState
 
 Batch = dict[str, jax.Array]

@@ -25,7 +25,7 @@ def normalize_text(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def _trigrams(text: str) -> set[str]:
+def trigrams(text: str) -> set[str]:
     padded = f" {normalize_text(text)} "
     return {padded[i:i + 3] for i in range(len(padded) - 2)}
 
@@ -37,7 +37,7 @@ class _TrigramSets:
         vocab: dict[str, int] = {}
         rows, cols = [], []
         for i, text in enumerate(texts):
-            for gram in _trigrams(text):
+            for gram in trigrams(text):
                 rows.append(i)
                 cols.append(vocab.setdefault(gram, len(vocab)))
         self.matrix = scipy.sparse.csr_matrix(
@@ -89,7 +89,7 @@ class NearDuplicateFilter:
             raise ValueError(f"dedup threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self.measure = "embedding" if embedding_model_path else "lexical"
-        self._embedder = EmbeddingModel(embedding_model_path) if embedding_model_path else None
+        self.embedder = EmbeddingModel(embedding_model_path) if embedding_model_path else None
 
     def keep(self, texts: Sequence[str]) -> list[int]:
         if not texts:
@@ -99,18 +99,18 @@ class NearDuplicateFilter:
         candidates = [i for i, t in enumerate(texts)
                       if first_of.setdefault(normalize_text(t), i) == i]
         unique = [texts[i] for i in candidates]
-        if self._embedder is None and len(unique) <= _SMALL:
-            grams = [_trigrams(t) for t in unique]
+        if self.embedder is None and len(unique) <= _SMALL:
+            grams = [trigrams(t) for t in unique]
             kept_small: list[int] = []
             for i, g in enumerate(grams):
                 if all(len(g & grams[j]) < self.threshold * len(g | grams[j]) for j in kept_small):
                     kept_small.append(i)
             return [candidates[i] for i in kept_small]
-        if self._embedder is None:
+        if self.embedder is None:
             sets = _TrigramSets(unique)
             similarity = sets.jaccard
         else:
-            emb = self._embedder.embed(unique)
+            emb = self.embedder.embed(unique)
             similarity = lambda rows, cols: emb[rows] @ emb[cols].T  # noqa: E731
         kept = np.zeros(len(unique), bool)
         # Row blocks against every earlier item: memory stays O(block * n), not O(n^2).

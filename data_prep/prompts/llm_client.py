@@ -65,7 +65,10 @@ class OpenAIChatClient:
 
     def __init__(self, base_url: str, model: str, api_key_env: str, cache: ResponseCache,
                  timeout_s: float = 60.0, max_retries: int = 5, max_concurrency: int = 8,
-                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0):
+                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0,
+                 retry_connect_errors: bool = True):
+        # retry_connect_errors=False: a refused connection or an unknown host fails at once
+        # (reason "connect_error"): callers for whom it can only be a wrong base_url.
         if not model:
             raise ValueError("config.prompts.llm.model is empty: name the served model")
         if max_concurrency < 1 or max_retries < 0:
@@ -84,6 +87,7 @@ class OpenAIChatClient:
         self.base_url = base_url
         self.cache = cache
         self.stats = CallStats()
+        self._retry_connect_errors = retry_connect_errors
         self._max_concurrency = max_concurrency
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._http = httpx.Client(base_url=base_url, headers=headers,
@@ -122,6 +126,10 @@ class OpenAIChatClient:
                 response = self._http.post("chat/completions", json=body)
             except httpx.TimeoutException as e:
                 raise _RetryableError("timeout", f"no reply in time ({type(e).__name__})") from e
+            except httpx.ConnectError as e:
+                if not self._retry_connect_errors:
+                    raise LLMError("connect_error", f"cannot connect to {self.base_url}: {e}") from e
+                raise _RetryableError("transport", type(e).__name__) from e
             except httpx.TransportError as e:
                 raise _RetryableError("transport", type(e).__name__) from e
         code = response.status_code
@@ -141,6 +149,15 @@ class OpenAIChatClient:
             raise LLMError("malformed_response", f"message content is {type(content).__name__}")
         return content
 
+    def post(self, body: dict[str, Any]) -> str:
+        """The reply to a ready request body, retried but not cached: for callers that key
+        their own cache entries (a judge's requests carry images, its keys their digests)."""
+        try:
+            return self._retrying(self._post_once, body)
+        except LLMError as e:
+            self.stats.fail(e.reason)
+            raise
+
     def complete(self, request: ChatRequest) -> str:
         self.stats.add("calls")
         body = request.body(self.model)
@@ -149,11 +166,7 @@ class OpenAIChatClient:
         if cached is not None:
             self.stats.add("cached")
             return cached
-        try:
-            content = self._retrying(self._post_once, body)
-        except LLMError as e:
-            self.stats.fail(e.reason)
-            raise
+        content = self.post(body)
         self.cache.put(key, body, content)
         self.stats.add("succeeded")
         return content

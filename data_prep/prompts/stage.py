@@ -12,7 +12,6 @@ LLM work is resumed through the on-disk response cache: redoing it issues no req
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,7 +19,10 @@ from typing import Any
 
 import ml_collections
 
+from agfsync_jax import fingerprint as fingerprint_lib
 from agfsync_jax.atomic_io import atomic_write_json, atomic_write_jsonl
+from agfsync_jax.done_marker import redo_hint
+from agfsync_jax.errors import StageChangedError
 from agfsync_jax.schemas import KIND_PROMPT, PromptRecord, read_prompts
 from agfsync_jax.workdir import DONE_MARKER, PROMPTS, PROMPTS_FILE, shard_suffix
 from data_prep.prompts.dedup import NearDuplicateFilter
@@ -31,16 +33,18 @@ log = logging.getLogger(__name__)
 NEAR_DUPLICATE_ACROSS_CATEGORIES = "near_duplicate_across_categories"
 # LLM settings that change how calls are made, not what they return: changing them between a
 # run and its resume is fine.
-_OPERATIONAL_LLM_FIELDS = ("max_concurrency", "timeout_s", "max_retries", "backoff_initial_s",
-                           "backoff_max_s", "cache_dir", "api_key_env")
+OPERATIONAL_FIELDS = tuple(f"prompts.llm.{k}" for k in (
+    "max_concurrency", "timeout_s", "max_retries", "backoff_initial_s", "backoff_max_s", "cache_dir", "api_key_env"))
+
+
+def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Everything that decides the stage's output: the seed and every prompts field but the operational ones."""
+    return fingerprint_lib.config_settings(config, ("seed", "prompts"), OPERATIONAL_FIELDS)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
     """Hash of everything that decides the stage's output."""
-    prompts = config.prompts.to_dict()
-    prompts["llm"] = {k: v for k, v in prompts["llm"].items() if k not in _OPERATIONAL_LLM_FIELDS}
-    blob = json.dumps({"seed": config.seed, "prompts": prompts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return fingerprint_lib.digest(settings(config))
 
 
 def _shard_paths(out_dir: Path, index: int, count: int) -> tuple[Path, Path]:
@@ -49,13 +53,15 @@ def _shard_paths(out_dir: Path, index: int, count: int) -> tuple[Path, Path]:
             out_dir / "shards" / f"_DONE-{suffix}.json")
 
 
-def _read_marker(path: Path, expected_fingerprint: str) -> dict[str, Any]:
+def _read_marker(path: Path, expected_fingerprint: str, config: ml_collections.ConfigDict,
+                 workdir: str | Path) -> dict[str, Any]:
     summary = json.loads(path.read_text(encoding="utf-8"))
     if summary.get("fingerprint") != expected_fingerprint:
-        raise RuntimeError(
-            f"{path} was written with a different prompts config (fingerprint "
-            f"{summary.get('fingerprint')} != {expected_fingerprint}); use a new workdir or "
-            f"delete {path.parent} to redo the stage")
+        changed = (fingerprint_lib.changed_fields(summary["settings"], settings(config)) if "settings" in summary
+                   else ["<no settings recorded>"])
+        raise StageChangedError(
+            f"prompts: {path} was written with other prompts settings ({', '.join(changed[:8])} changed); "
+            f"{redo_hint('prompts', workdir)}")
     return summary
 
 
@@ -102,7 +108,7 @@ def _build_shard(config: ml_collections.ConfigDict, workdir: str, fp: str, shard
     index, count = config.shard.index, config.shard.count
     result = make_shard_records(config, workdir, index, count)
     atomic_write_jsonl(shard_file, [r.to_dict() for r in result.records])
-    summary = {"fingerprint": fp, "shard": index, "shards": count, "path": str(shard_file),
+    summary = {"fingerprint": fp, "settings": settings(config), "shard": index, "shards": count, "path": str(shard_file),
                "dropped": dict(result.dropped), "questions_dropped": dict(result.questions_dropped),
                "llm": result.llm, **_describe(result.records)}
     # The marker goes last: its presence means the shard file is complete.
@@ -117,7 +123,7 @@ def _merge(config: ml_collections.ConfigDict, out_dir: Path, fp: str, count: int
     missing = [i for i, (_, marker) in enumerate(paths) if not marker.exists()]
     if missing:
         return None
-    summaries = [_read_marker(marker, fp) for _, marker in paths]
+    summaries = [_read_marker(marker, fp, config, out_dir.parent) for _, marker in paths]
     records = [r for shard_file, _ in paths for r in read_prompts(shard_file)]
     records.sort(key=lambda r: r.id)
     duplicates = sorted({a.id for a, b in zip(records, records[1:]) if a.id == b.id})
@@ -148,7 +154,7 @@ def _merge(config: ml_collections.ConfigDict, out_dir: Path, fp: str, count: int
     final = out_dir.parent / PROMPTS_FILE
     # Every record came through read_prompts (the sampler's reader) from its shard file.
     atomic_write_jsonl(final, [r.to_dict() for r in records])
-    summary = {"fingerprint": fp, "shards": count, "path": str(final), "dropped": dropped,
+    summary = {"fingerprint": fp, "settings": settings(config), "shards": count, "path": str(final), "dropped": dropped,
                "questions_dropped": questions_dropped,
                "llm": _sum_llm([s["llm"] for s in summaries]), **_describe(records)}
     atomic_write_json(out_dir / DONE_MARKER, summary)
@@ -161,14 +167,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     fp = fingerprint(config)
     done = out_dir / DONE_MARKER
     if done.exists():
-        summary = _read_marker(done, fp)
+        summary = _read_marker(done, fp, config, workdir)
         print(f"{summary_line(summary)} | already complete, nothing to do")
         return summary
 
     index, count = config.shard.index, config.shard.count
     shard_file, marker = _shard_paths(out_dir, index, count)
     if marker.exists():
-        shard_summary = _read_marker(marker, fp)
+        shard_summary = _read_marker(marker, fp, config, workdir)
         log.info("shard %d/%d already complete: %s", index, count, shard_file)
     else:
         shard_summary = _build_shard(config, workdir, fp, shard_file, marker)

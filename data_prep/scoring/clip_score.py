@@ -4,7 +4,7 @@
 
 E are CLIP's *projected* embeddings (`get_image_features` / `get_text_features`), L2-normalised.
 The paper uses openai/clip-vit-base-patch16; the authors' released code uses ViT-L/14 and cuts
-the prompt to 77 *characters* (design.md section 10). Here the prompt is cut by *tokens*: the
+the prompt to 77 *characters* (docs/design.md section 10). Here the prompt is cut by *tokens*: the
 tokenizer truncates the words to max_position_embeddings - 2 and still appends the end-of-text
 token, because CLIP pools the sentence embedding at that token.
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from agfsync_jax import export
+from agfsync_jax.export import pipeline_export as export
 from agfsync_jax.models import loading
 from agfsync_jax.models.weight_conversion import ParameterMismatchError
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from agfsync_jax.training.objective import Conditioning
+from agfsync_jax.models.denoiser import Conditioning
 
 
 def _unet_inputs(sd):

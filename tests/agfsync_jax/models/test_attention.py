@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agfsync_jax.training.objective import Conditioning, make_denoiser
+from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 
 
 @pytest.mark.parametrize("family", ["tiny_sd1", "tiny_sdxl"])

@@ -37,7 +37,7 @@ def test_a_candidate_row_does_not_depend_on_its_batch(tmp_path):
     """Position, neighbours and padding never change an example's inputs."""
     from transformers import CLIPTokenizer
 
-    from agfsync_jax.models.tiny import write_tokenizer_files
+    from agfsync_jax.tiny.tokenizer import write_tokenizer_files
 
     examples = plan_examples(_records(3), num_candidates=2, global_seed=0)
     write_tokenizer_files(tmp_path)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 from agfsync_jax.sampling import batching, candidates, schedulers
 from agfsync_jax.sampling.work_plan import Example
 
@@ -29,10 +29,10 @@ def _spy(models):
     def record(context, text_embeds):
         calls.append((np.asarray(context), None if text_embeds is None else np.asarray(text_embeds)))
 
-    def eps_fn(params, x, t, context, added):
-        jax.debug.callback(record, context, None if added is None else added["text_embeds"])
-        return models.eps_fn(params, x, t, context, added)
-    return dataclasses.replace(models, eps_fn=eps_fn), calls
+    def denoise_fn(params, x, t, cond):
+        jax.debug.callback(record, cond.embeds, cond.pooled)
+        return models.denoise_fn(params, x, t, cond)
+    return dataclasses.replace(models, denoise_fn=denoise_fn), calls
 
 
 def _setup(sd, scheduler="ddim", guidance=7.5, negative_prompt=""):
@@ -76,7 +76,7 @@ def test_noise_goes_on_the_conditional_branch_only(family, request):
         if family == "sdxl":
             np.testing.assert_array_equal(pooled[0::2], np.zeros_like(pooled[0::2]))  # SDXL: zeros
             pooled_noise = pooled[1::2] - np.asarray(clean.pooled)
-            # No noise on the pooled embedding unless asked for (design.md section 10).
+            # No noise on the pooled embedding unless asked for (docs/design.md section 10).
             assert np.abs(pooled_noise[:2]).max() < 1e-5
             assert pooled_noise[2].std() == pytest.approx(1.0, rel=0.35)
     # Same initial latents, different embedding noise: the candidates differ.

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from agfsync_jax.models.text_encoding import encode_tokens, sdxl_time_ids, tokenize
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 from agfsync_jax.sampling import schedulers
-from agfsync_jax.sampling.denoise import Conditioning, denoise, flax_unet
+from agfsync_jax.models.denoiser import Conditioning, make_denoiser
+from agfsync_jax.sampling.denoise import denoise
 
 STEPS = 10
 GUIDANCE = 7.5
@@ -87,7 +88,7 @@ def test_final_latents_match_pytorch_pipeline(family, scheduler, request):
     scheduler_config = {**sd.scheduler_config, **REAL_SD_SCHEDULER_FIELDS}
     sched = schedulers.make_scheduler(scheduler, scheduler_config, STEPS)
     time_ids = None if pooled is None else sdxl_time_ids(TINY_RESOLUTION, len(PROMPTS))
-    ours = np.asarray(_ours(flax_unet(sd.unet.module), sched, sd.unet.params, latents,
+    ours = np.asarray(_ours(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
                             Conditioning(embeds, pooled, time_ids), Conditioning(neg, neg_pooled, time_ids)))
 
     pipe = _pipeline(family, path, scheduler, scheduler_config)
@@ -142,8 +143,8 @@ def _replace_pytorch_step_noise(monkeypatch, scheduler, noise):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 6))
-def _ours_noisy(eps_fn, scheduler, params, latents, cond, uncond, step_noise, guidance):
-    return denoise(eps_fn, params, scheduler, latents, cond, uncond, guidance, step_noise)
+def _ours_noisy(denoise_fn, scheduler, params, latents, cond, uncond, step_noise, guidance):
+    return denoise(denoise_fn, params, scheduler, latents, cond, uncond, guidance, step_noise)
 
 
 @pytest.mark.parametrize("family,scheduler,steps,guidance,eta", [
@@ -168,11 +169,11 @@ def test_noisy_samplers_match_pytorch_pipeline_given_the_same_noise(family, sche
     uncond = Conditioning(neg, neg_pooled, time_ids) if guided else None
     calls = []
 
-    def counting_eps_fn(params, x, t, context, added):
+    def counting_denoiser(params, x, t, cond):
         jax.debug.callback(lambda n: calls.append(int(n)), x.shape[0])
-        return flax_unet(sd.unet.module)(params, x, t, context, added)
+        return make_denoiser(sd.unet.module)(params, x, t, cond)
 
-    ours = np.asarray(_ours_noisy(counting_eps_fn, sched, sd.unet.params, latents,
+    ours = np.asarray(_ours_noisy(counting_denoiser, sched, sd.unet.params, latents,
                                   Conditioning(embeds, pooled, time_ids), uncond, step_noise, guidance))
     # One UNet call per step; with guidance 1 it holds the conditional branch only.
     assert calls == [len(PROMPTS) * (2 if guided else 1)] * steps
@@ -204,7 +205,7 @@ def test_noisy_samplers_match_pytorch_pipeline_given_the_same_noise(family, sche
     if scheduler == "lcm":
         assert diff < TOL
     # Not vacuous: other step noise gives other latents.
-    other = np.asarray(_ours_noisy(flax_unet(sd.unet.module), sched, sd.unet.params, latents,
+    other = np.asarray(_ours_noisy(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
                                    Conditioning(embeds, pooled, time_ids), uncond,
                                    lambda i: -step_noise(i), guidance))
     assert float(np.abs(other - ref).max()) > 100 * TOL
@@ -229,7 +230,7 @@ def test_negative_prompt_matches_pytorch_pipeline(family, request):
     b = len(PROMPTS)
     neg = np.broadcast_to(negative.embeds, (b,) + negative.embeds.shape[1:])
     neg_pooled = None if pooled is None else np.broadcast_to(negative.pooled, (b,) + negative.pooled.shape[1:])
-    ours = np.asarray(_ours(flax_unet(sd.unet.module), sched, sd.unet.params, latents,
+    ours = np.asarray(_ours(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
                             Conditioning(embeds, pooled, time_ids), Conditioning(neg, neg_pooled, time_ids)))
 
     pipe = _pipeline(family, path, "ddim", scheduler_config)
@@ -247,6 +248,6 @@ def test_negative_prompt_matches_pytorch_pipeline(family, request):
     default = unconditional(sd)
     default_neg = np.broadcast_to(default.embeds, neg.shape)
     default_pooled = None if pooled is None else np.broadcast_to(default.pooled, neg_pooled.shape)
-    plain = np.asarray(_ours(flax_unet(sd.unet.module), sched, sd.unet.params, latents,
+    plain = np.asarray(_ours(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
                              Conditioning(embeds, pooled, time_ids), Conditioning(default_neg, default_pooled, time_ids)))
     assert float(np.abs(plain - ref).max()) > 100 * TOL

@@ -19,9 +19,10 @@ def write_pairs(out: Path, num_pairs: int, *, seed: int = 0, cross: bool = False
 
     Winners are drawn around +0.5 and losers around -0.5 (two distinct latent distributions).
     """
-    from data_prep.scoring.pair_records import pair_example, shard_filename, tfds_features, write_tfrecord
+    from agfsync_jax.pairs.records import shard_filename, tfds_features, write_tfrecord
+    from data_prep.scoring.pair_records import pair_example
     from data_prep.scoring.pairs import Pair
-    from data_prep.scoring.tfds_metadata import write_tfds_metadata
+    from agfsync_jax.pairs.metadata import write_tfds_metadata
 
     rng = np.random.default_rng(seed)
     features = tfds_features()
@@ -63,7 +64,7 @@ def micro_sd1_path(tmp_path_factory) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from agfsync_jax.models import tiny
+    from agfsync_jax.tiny import pipeline as tiny
 
     pipe = tiny.build_tiny_pipeline("sd1", seed=0)
     torch.manual_seed(1)

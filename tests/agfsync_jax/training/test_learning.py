@@ -85,7 +85,7 @@ def test_nonfinite_step_is_skipped_and_counted(trained):
 
 def test_remat_switch_rematerialises_the_unet(tiny_sdxl):
     """With train.remat the UNet forward sits under a checkpoint with the configured policy."""
-    from agfsync_jax.training.objective import Conditioning, make_denoiser
+    from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 
     args = (tiny_sdxl.unet.params, jnp.zeros((1, 4, 16, 16)), jnp.zeros((1,), jnp.int32),
             Conditioning(jnp.zeros((1, 77, 64)), jnp.zeros((1, 32)), jnp.zeros((1, 6))))

@@ -41,13 +41,13 @@ def _config(**train_overrides):
 
 def test_config_errors_name_the_field():
     mesh = sharding.make_mesh(_config().mesh)
-    train._validate(_config(), mesh)
+    train.validate_config(_config(), mesh)
     for overrides, field in [({"nonfinite": "ignore"}, "train.nonfinite"),
                              ({"text_encoding": "lazy"}, "train.text_encoding"),
                              ({"prompt_dropout": 1.0}, "train.prompt_dropout"),
                              ({"batch_size": 3, "grad_accum_steps": 2}, "train.batch_size")]:
         with pytest.raises(ValueError, match=field):
-            train._validate(_config(**overrides), mesh)
+            train.validate_config(_config(**overrides), mesh)
 
 
 def test_nonfinite_stop_mode_raises_and_skip_mode_does_not():
@@ -56,10 +56,10 @@ def test_nonfinite_stop_mode_raises_and_skip_mode_does_not():
             return None
 
     bad = {"nonfinite": jnp.int32(1)}
-    train._check_finite(bad, 7, "skip", NoCheckpoints())
-    train._check_finite({"nonfinite": jnp.int32(0)}, 7, "stop", NoCheckpoints())
+    train.check_finite(bad, 7, "skip", NoCheckpoints())
+    train.check_finite({"nonfinite": jnp.int32(0)}, 7, "stop", NoCheckpoints())
     with pytest.raises(train.NonFiniteError, match="step 7"):
-        train._check_finite(bad, 7, "stop", NoCheckpoints())
+        train.check_finite(bad, 7, "stop", NoCheckpoints())
 
 
 def test_cross_loss_refuses_pairs_without_a_second_instruction():

@@ -38,7 +38,7 @@ def _config_code(model_path: Path) -> str:
 
 
 def _losses(workdir: Path) -> dict[int, float]:
-    from agfsync_jax.pair_dataset import tensorflow_cpu_only
+    from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
     tf = tensorflow_cpu_only()
     out = {}
@@ -97,7 +97,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path, run_py
         import jax, numpy as np
         from agfsync_jax import sharding
         from agfsync_jax.models.loading import load_stable_diffusion
-        from agfsync_jax.pair_dataset import PairDataset
+        from agfsync_jax.pairs.dataset import PairDataset
         from agfsync_jax.training import checkpointing, train
         assert jax.process_count() == 1 and jax.device_count() == 4
 

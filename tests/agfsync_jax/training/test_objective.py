@@ -23,7 +23,8 @@ from flax.traverse_util import flatten_dict
 
 from agfsync_jax.models import weight_conversion
 from agfsync_jax.training import losses, noise as noise_lib
-from agfsync_jax.training.objective import Conditioning, make_denoiser, objective
+from agfsync_jax.models.denoiser import Conditioning, make_denoiser
+from agfsync_jax.training.objective import objective
 
 torch = pytest.importorskip("torch")
 

@@ -92,7 +92,7 @@ def test_resumed_run_is_bitwise_equal_to_straight_run(runs):
 
 
 def test_tensorboard_has_one_loss_per_step(runs):
-    from agfsync_jax.pair_dataset import tensorflow_cpu_only
+    from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
     tf = tensorflow_cpu_only()
     events = glob.glob(str(runs[0] / workdir_lib.TRAIN / train.TENSORBOARD / "events.out.tfevents.*"))

@@ -8,7 +8,7 @@ from data_prep.prompts.dedup import NearDuplicateFilter, lexical_similarity
 
 
 def _jaccard(a, b):
-    ga, gb = dedup._trigrams(a), dedup._trigrams(b)
+    ga, gb = dedup.trigrams(a), dedup.trigrams(b)
     return len(ga & gb) / len(ga | gb)
 
 
@@ -95,4 +95,4 @@ def test_embedding_measure_uses_model_cosine(tiny_encoder_dir):
     kept = f.keep(texts)
     dropped_more_similar = 1 if s01 > s02 else 2
     assert dropped_more_similar not in kept and 0 in kept
-    np.testing.assert_allclose(f._embedder.embed(texts), emb, atol=1e-5)
+    np.testing.assert_allclose(f.embedder.embed(texts), emb, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 
 from agfsync_jax.schemas import PAIR_AGFSYNC, PAIR_CROSS, PromptRecord, ScoreRow
 from data_prep.scoring.pairs import BELOW_MARGIN, MISSING_INSTRUCTION, TIE, TOO_FEW, select_pairs
-from data_prep.scoring.weights import parse_weights, resolve_weights, weighted_total
+from agfsync_jax.score_weights import parse_weights, resolve_weights, weighted_total
 
 
 def _row(pid: str, cand: int, scores: dict[str, float], weights: dict[str, float], instruction: int = 0) -> ScoreRow:

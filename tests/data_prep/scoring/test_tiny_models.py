@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 CODE = ("from data_prep.scoring import tiny; import hashlib; "
-        "print(hashlib.sha256(tiny._t5_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())")
+        "print(hashlib.sha256(tiny.t5_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())")
 
 
 def test_t5_tokenizer_is_identical_across_builds_and_processes():
@@ -16,7 +16,7 @@ def test_t5_tokenizer_is_identical_across_builds_and_processes():
     builds; the tokenizer must come out byte-identical every time, in any process."""
     from data_prep.scoring import tiny
 
-    in_process = {tiny._t5_tokenizer().backend_tokenizer.to_str() for _ in range(4)}
+    in_process = {tiny.t5_tokenizer().backend_tokenizer.to_str() for _ in range(4)}
     assert len(in_process) == 1
     digests = {subprocess.run([sys.executable, "-c", CODE], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip() for _ in range(2)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from data_prep.scoring.pair_records import shard_filename
-from data_prep.scoring.tfds_metadata import write_tfds_metadata
+from agfsync_jax.pairs.records import shard_filename
+from agfsync_jax.pairs.metadata import write_tfds_metadata
 
 
 def _write(path, payloads):
@@ -27,7 +27,7 @@ def test_split_info_counts_every_shard(tmp_path):
 
 
 def test_a_truncated_shard_is_named(tmp_path):
-    from agfsync_jax.pair_dataset import PairDataError
+    from agfsync_jax.pairs.records import PairDataError
 
     _write(tmp_path / shard_filename(0, 1), [b"x" * 40, b"y" * 40])
     victim = tmp_path / shard_filename(0, 1)

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from agfsync_jax.models import loading, tiny, tiny_pretrain
+from agfsync_jax import base_model
+from agfsync_jax.models import loading
+from agfsync_jax.tiny import build as tiny_build, pretrain as tiny_pretrain
 from configs import tiny as tiny_config
 
 
@@ -74,26 +76,26 @@ def _config(steps: int):
 
 
 def test_base_model_is_pretrained_recorded_and_a_stale_cache_refused(tmp_path, tiny_sd1):
-    path = tiny.resolve_base_model(_config(3), tmp_path)
-    record = json.loads((path / tiny.BUILD_RECORD).read_text())
+    path = base_model.resolve_base_model(_config(3), tmp_path)
+    record = json.loads((path / tiny_build.BUILD_RECORD).read_text())
     assert record["pretrain_steps"] == 3 and record["pretrain_batch_size"] == 4
     sd = loading.load_stable_diffusion(path)
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                    sd.unet.params, tiny_sd1.unet.params)
     assert max(jax.tree_util.tree_leaves(diffs)) > 0  # not the random UNet (same seed)
-    assert tiny.resolve_base_model(_config(3), tmp_path) == path  # cached: same settings
+    assert base_model.resolve_base_model(_config(3), tmp_path) == path  # cached: same settings
     with pytest.raises(ValueError, match=r"pretrain_steps=3 .*asks for 5.*remove"):
-        tiny.resolve_base_model(_config(5), tmp_path)
+        base_model.resolve_base_model(_config(5), tmp_path)
     changed = _config(3)
     changed.model.tiny_pretrain_learning_rate = 1e-4
     with pytest.raises(ValueError, match="pretrain_learning_rate"):
-        tiny.resolve_base_model(changed, tmp_path)
+        base_model.resolve_base_model(changed, tmp_path)
 
 
 def test_folder_without_build_record_counts_as_unpretrained(tmp_path):
     out = tmp_path / "base_model"
-    tiny.save_tiny_pipeline("sd1", out)
-    (out / tiny.BUILD_RECORD).unlink()  # as written before the record existed
-    assert tiny.resolve_base_model(_config(0), tmp_path) == out
-    with pytest.raises(ValueError, match=f"no {tiny.BUILD_RECORD}"):
-        tiny.resolve_base_model(_config(3), tmp_path)
+    tiny_build.save_tiny_pipeline("sd1", out)
+    (out / tiny_build.BUILD_RECORD).unlink()  # as written before the record existed
+    assert base_model.resolve_base_model(_config(0), tmp_path) == out
+    with pytest.raises(ValueError, match=f"no {tiny_build.BUILD_RECORD}"):
+        base_model.resolve_base_model(_config(3), tmp_path)

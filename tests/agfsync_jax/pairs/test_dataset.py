@@ -19,7 +19,7 @@ from agfsync_jax.schemas import PAIR_AGFSYNC, PAIR_CROSS, PromptRecord, ScoreRow
 SHARD_SIZES = (5, 0, 7)  # an empty shard on purpose: a stage shard may yield no pair
 NUM_PAIRS = sum(SHARD_SIZES)
 LATENT_SHAPE = (4, 8, 8)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _pair(i: int):
@@ -36,8 +36,9 @@ def _pair(i: int):
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    from data_prep.scoring.pair_records import pair_example, shard_filename, tfds_features, write_tfrecord
-    from data_prep.scoring.tfds_metadata import write_tfds_metadata
+    from agfsync_jax.pairs.records import shard_filename, tfds_features, write_tfrecord
+    from data_prep.scoring.pair_records import pair_example
+    from agfsync_jax.pairs.metadata import write_tfds_metadata
 
     out = tmp_path_factory.mktemp("pairs")
     features = tfds_features()
@@ -58,7 +59,7 @@ def pair_dir(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, np.nda
 
 
 def _dataset(path, process_index=0, process_count=1, batch=4, seed=3):
-    from agfsync_jax.pair_dataset import PairDataset
+    from agfsync_jax.pairs.dataset import PairDataset
 
     return PairDataset(path, global_batch_size=batch, seed=seed, process_index=process_index,
                        process_count=process_count)
@@ -106,7 +107,7 @@ WORKER = textwrap.dedent("""
     from agfsync_jax import distributed
     distributed.initialize()
     import jax
-    from agfsync_jax.pair_dataset import PairDataset
+    from agfsync_jax.pairs.dataset import PairDataset
 
     data_dir, out_dir = sys.argv[1], sys.argv[2]
     me = jax.process_index()
@@ -179,7 +180,7 @@ def test_resume_continues_with_the_next_batch(pair_dir):
 
 
 def test_truncated_tfrecord_names_the_file(pair_dir, tmp_path):
-    from agfsync_jax.pair_dataset import PairDataError
+    from agfsync_jax.pairs.records import PairDataError
 
     path, _ = pair_dir
     broken = tmp_path / "pairs"
@@ -191,7 +192,7 @@ def test_truncated_tfrecord_names_the_file(pair_dir, tmp_path):
 
 
 def test_corrupted_record_names_the_file(pair_dir, tmp_path):
-    from agfsync_jax.pair_dataset import PairDataError
+    from agfsync_jax.pairs.records import PairDataError
 
     path, _ = pair_dir
     broken = tmp_path / "pairs"

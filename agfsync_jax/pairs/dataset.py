@@ -20,113 +20,18 @@ record it returns. Any damage raises `PairDataError` naming the file.
 
 from __future__ import annotations
 
-import functools
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agfsync_jax.schemas import LATENT_DTYPE, PAIR_CROSS, PAIR_FEATURES
+from agfsync_jax.pairs.records import (PairDataError, decode_latent, decode_pair_example, scan_record_offsets)
+from agfsync_jax.schemas import PAIR_CROSS
+from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
-# TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC.
-_HEADER_BYTES = 12
-_FOOTER_BYTES = 4
 # String fields of a batch (numpy object arrays; tokenization happens elsewhere).
 TEXT_FIELDS = ("prompt_id", "pair_kind", "prompt", "prompt_2")
-
-
-class PairDataError(IOError):
-    """The pair dataset is damaged or inconsistent; the message names the file."""
-
-
-@functools.cache
-def tensorflow_cpu_only() -> Any:
-    """Imports TensorFlow with every GPU hidden from it.
-
-    TF would otherwise reserve most of each GPU's memory when it first touches a device, which
-    starves JAX (or PyTorch) in the same process. TF only moves bytes here.
-    """
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError as e:
-        # Raised once TF has initialised its devices; fine only if it sees no GPU at all.
-        if tf.config.get_visible_devices("GPU"):
-            raise RuntimeError("TensorFlow initialised its GPUs before tensorflow_cpu_only() ran") from e
-    return tf
-
-
-def decode_pair_example(serialized: bytes, where: str) -> dict[str, Any]:
-    """A serialized tf.train.Example -> {field: value} for every field of PAIR_FEATURES.
-
-    bytes -> bytes, int -> int, float -> float, int_list -> tuple of ints. A missing or
-    mistyped field raises PairDataError naming `where` (file and record).
-    """
-    from google.protobuf.message import DecodeError
-
-    tf = tensorflow_cpu_only()
-    try:
-        example = tf.train.Example.FromString(serialized)
-    except DecodeError as e:
-        raise PairDataError(f"{where}: not a tf.train.Example ({e})") from e
-    features = example.features.feature
-    out: dict[str, Any] = {}
-    for name, kind in PAIR_FEATURES.items():
-        if name not in features:
-            raise PairDataError(f"{where}: missing feature {name!r}")
-        f = features[name]
-        if kind == "bytes":
-            values = f.bytes_list.value
-        elif kind in ("int", "int_list"):
-            values = f.int64_list.value
-        elif kind == "float":
-            values = f.float_list.value
-        else:
-            raise ValueError(f"PAIR_FEATURES[{name!r}] has unknown kind {kind!r}")
-        if kind == "int_list":
-            out[name] = tuple(int(v) for v in values)
-            continue
-        if len(values) != 1:
-            raise PairDataError(f"{where}: feature {name!r} ({kind}) has {len(values)} values, expected 1")
-        out[name] = values[0]
-    return out
-
-
-def decode_latent(data: bytes, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """float16 bytes + shape -> the float16 array (a copy, writable)."""
-    expected = int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize
-    if len(shape) != 3 or len(data) != expected:
-        raise PairDataError(f"{where}: latent of {len(data)} bytes does not match shape {shape} "
-                            f"({expected} bytes of {LATENT_DTYPE})")
-    return np.frombuffer(data, dtype=LATENT_DTYPE).reshape(shape).copy()
-
-
-def scan_record_offsets(path: Path) -> list[int]:
-    """Byte offsets of the records of a TFRecord file, from the length headers alone.
-
-    A file that ends inside a record (a truncated copy, a writer killed mid-write) raises
-    PairDataError naming the file, the record and the byte position.
-    """
-    size = path.stat().st_size
-    offsets: list[int] = []
-    pos = 0
-    with path.open("rb") as f:
-        while pos < size:
-            if size - pos < _HEADER_BYTES:
-                raise PairDataError(f"{path}: truncated TFRecord file: record {len(offsets)} at byte {pos} "
-                                    f"has an incomplete header ({size - pos} of {_HEADER_BYTES} bytes)")
-            f.seek(pos)
-            (length,) = struct.unpack("<Q", f.read(8))
-            end = pos + _HEADER_BYTES + length + _FOOTER_BYTES
-            if end > size:
-                raise PairDataError(f"{path}: truncated TFRecord file: record {len(offsets)} at byte {pos} "
-                                    f"needs {end - pos} bytes but the file ends at byte {size}")
-            offsets.append(pos)
-            pos = end
-    return offsets
 
 
 def _split_files(data_dir: Path, split: str) -> list[tuple[Path, int]]:

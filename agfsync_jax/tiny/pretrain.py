@@ -31,11 +31,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 from agfsync_jax.models.loading import StableDiffusion
 from agfsync_jax.models.text_encoding import sdxl_time_ids
-from agfsync_jax.models.tiny import TINY_RESOLUTION
+from agfsync_jax.tiny.pipeline import TINY_RESOLUTION
 from agfsync_jax.training import noise as noise_lib
-from agfsync_jax.training.objective import Conditioning, make_denoiser
 
 BLUR_SIGMAS = (0.0, 1.0, 2.0)
 NUM_CAPTIONS = 256

@@ -2,7 +2,7 @@
 
 tensorflow-datasets 4.9.10 needs a `tfds.core.ShardedFileTemplate` here (a plain template string
 fails). The split info is counted from the shard files themselves by walking the TFRecord
-frame headers in this thread (`agfsync_jax.pair_dataset.scan_record_offsets`):
+frame headers in this thread (`agfsync_jax.pairs.records.scan_record_offsets`):
 `tfds.folder_dataset.compute_split_info` reads the shards with tf.data from a thread pool, which
 crashed the interpreter (SIGSEGV inside TensorFlow) when JAX was loaded in the same process.
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agfsync_jax.pair_dataset import scan_record_offsets, tensorflow_cpu_only
-from data_prep.scoring.pair_records import DATASET_NAME, FILE_FORMAT, SPLIT, shard_filename, tfds_features
+from agfsync_jax.pairs.records import (DATASET_NAME, FILE_FORMAT, SPLIT, scan_record_offsets, shard_filename,
+                                      tfds_features)
+from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
 DESCRIPTION = ("AGFSync/InstructEngine preference pairs: winner and loser latents (float16 bytes + "
                "shape), optional PNGs, and every score of both (scores_json).")

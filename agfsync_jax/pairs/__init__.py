@@ -1,0 +1,1 @@
+"""The preference-pair dataset (WORKDIR/pairs): record format, TFDS metadata, the training reader."""

@@ -1,0 +1,1 @@
+"""Diffusion-DPO training (docs/design.md section 8): losses, the jitted train step, the loop, checkpoints."""
