@@ -97,7 +97,8 @@ def test_lcm_at_guidance_one_runs_one_conditional_unet_call_per_step(family, req
     sd = request.getfixturevalue(f"tiny_{family}")
     run, params, batch, _, clean, calls = _setup(sd, scheduler="lcm", guidance=1.0)
     batch["embeds_sigma"][:] = 0.0
-    run(params, batch)
+    np.asarray(run(params, batch))
+    jax.effects_barrier()  # every debug callback has run
     assert len(calls) == STEPS
     for context, pooled in calls:
         np.testing.assert_allclose(context, np.asarray(clean.embeds), atol=1e-6)  # B rows, all conditional
@@ -151,7 +152,8 @@ def test_negative_prompt_is_the_unconditional_branch(family, request):
     assert not np.allclose(uncond.embeds, default.embeds)
     if family == "sdxl":  # a negative prompt replaces SDXL's zeros, pooled embedding included
         assert np.abs(uncond.pooled).max() > 0 and not np.allclose(uncond.pooled, default.pooled)
-    run(params, batch)
+    np.asarray(run(params, batch))
+    jax.effects_barrier()  # every debug callback has run
     for context, pooled in calls:
         for row in context[0::2]:
             np.testing.assert_array_equal(row, uncond.embeds[0])

@@ -175,6 +175,7 @@ def test_noisy_samplers_match_pytorch_pipeline_given_the_same_noise(family, sche
 
     ours = np.asarray(_ours_noisy(counting_denoiser, sched, sd.unet.params, latents,
                                   Conditioning(embeds, pooled, time_ids), uncond, step_noise, guidance))
+    jax.effects_barrier()  # every debug callback has run
     # One UNet call per step; with guidance 1 it holds the conditional branch only.
     assert calls == [len(PROMPTS) * (2 if guided else 1)] * steps
 
