@@ -195,6 +195,46 @@ def train_config() -> ml_collections.ConfigDict:
     s.log_every = 10
     s.checkpoint_every = 100
     s.keep_checkpoints = 3
+    # Validation (agfsync_jax/training/validation.py; diffusers scripts' --run_validation): every
+    # `eval_every` steps and at the last step, the loss (DPO: and implicit accuracy) on held-out
+    # pairs and a grid of samples, to TensorBoard (val/*) and train/val_samples/. 0: off.
+    s.eval_every = 0
+    # Hold out pairs by prompt-id hash, once, recorded in WORKDIR/train/val_split.json and never
+    # trained on: a fraction of the prompt ids, or (val_pairs) at least this many pairs.
+    s.val_fraction = 0.0
+    s.val_pairs = 0
+    s.val_batch_size = 0  # 0: train.batch_size / train.grad_accum_steps
+    s.val_seed = 0  # fixes each held-out batch's noise and timesteps, and the grid's latents
+    s.val_prompts = ()  # prompts of the sample grid (a tuple of strings); (): no grid
+    s.val_images_per_prompt = 2  # grid columns, one seed each
+    s.val_sample_steps = 10  # sampler steps (sampling.scheduler, sampling.guidance_scale)
+    return s
+
+
+def encode_config() -> ml_collections.ConfigDict:
+    """External image datasets -> WORKDIR/pairs (agfsync_jax.encoding; instead of prompts/sample/
+    score; docs/external_datasets.md)."""
+    s = ml_collections.ConfigDict()
+    s.format = "jsonl"  # "folder" | "jsonl" | "parquet" (pyarrow)
+    s.path = ""  # the folder, JSONL file, or parquet file / folder of parquet files
+    s.prompt_key = "prompt"  # Pick-a-Pic: "caption"
+    # One key: (prompt, image) rows for train.loss=sft (MJHQ-30K). Two keys, comma-separated:
+    # preference pairs, image 0 then image 1 ("winner,loser"; Pick-a-Pic: "jpg_0,jpg_1").
+    s.image_keys = "image"
+    # Pairs only: the field with image 0's preference (1 wins, 0 loses, 0.5 tie: skipped;
+    # Pick-a-Pic: "label_0"). "": image 0 always wins.
+    s.label_key = ""
+    s.id_key = ""  # a field used as prompt id; "": a hash of the prompt text
+    s.category_key = ""  # a field used as category (MJHQ-30K: "category"); "": "external"
+    s.image_root = ""  # relative image paths are resolved here; "": next to the JSONL/parquet
+    s.limit = 0  # encode only the first `limit` rows; 0: all
+    # "sample": z = mean + std * N(0, I) (diffusers' DPO/SFT scripts: latent_dist.sample()), one
+    # key per image from `seed`; "mean": the posterior mean (deterministic).
+    s.latent = "sample"
+    s.seed = 0
+    s.batch_size = 8  # images per compiled call, global; a multiple of the device count
+    s.rows_per_shard = 1024  # rows per TFRecord shard: the unit of resumption
+    s.store_png = False  # also store the resized, cropped image as PNG in each record
     return s
 
 
@@ -241,6 +281,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling = sampling_config()
     c.scoring = scoring_config()
     c.train = train_config()
+    c.encode = encode_config()
     c.export = export_config()
     c.eval = eval_config()
     return c

@@ -56,8 +56,8 @@ def _inputs(sd):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _ours(eps_fn, scheduler, params, latents, cond, uncond):
-    return denoise(eps_fn, params, scheduler, latents, cond, uncond, GUIDANCE)
+def _ours(denoise_fn, scheduler, params, latents, cond, uncond):
+    return denoise(denoise_fn, params, scheduler, latents, cond, uncond, GUIDANCE)
 
 
 def _pipeline(family, path, scheduler, scheduler_config):

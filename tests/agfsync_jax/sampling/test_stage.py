@@ -221,6 +221,7 @@ def _stage_script(workdir: Path, model_path: Path, batch_size: int, mesh: str = 
     """)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(reference, run_python, tiny_sd1_path, tmp_path):
     """Replicated parameters: bitwise equal to one device. FSDP-sharded parameters: XLA may split
     contractions across devices, so only numerically equal (documented in program.py)."""
@@ -241,6 +242,7 @@ def test_eight_devices_match_one_device(reference, run_python, tiny_sd1_path, tm
         assert diff < 1e-4, f"{_key(row)}: FSDP latents differ by {diff}"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume(reference, tiny_sd1_path, tmp_path):
     from agfsync_jax.sampling import stage
 
@@ -276,7 +278,7 @@ def test_changed_settings_are_refused(reference, tiny_sd1_path, tmp_path):
     copy = shutil.copytree(reference[0], tmp_path / "changed")
     config = _config(tiny_sd1_path, batch_size=4)
     config.sampling.noise_sigma = 0.2
-    with pytest.raises(ValueError, match="noise_sigma: 0.1 -> 0.2"):
+    with pytest.raises(RuntimeError, match="sampling.noise_sigma: 0.1 -> 0.2.*agfsync-jax clean sample"):
         stage.run(config, str(copy))
 
 

@@ -79,7 +79,7 @@ def test_same_seed_same_bytes_whatever_the_shard_count(tmp_path):
 
 def test_resuming_with_another_config_is_an_error(tmp_path):
     stage.run(config(), str(tmp_path))
-    with pytest.raises(RuntimeError, match="different prompts config"):
+    with pytest.raises(RuntimeError, match=r"other prompts settings \(prompts\.\w+ changed\); `agfsync-jax clean prompts"):
         stage.run(config(per_category=4), str(tmp_path))
     c = config()
     c.prompts.llm.max_concurrency = 2  # operational: not part of the fingerprint
