@@ -282,13 +282,13 @@ def test_changed_settings_are_refused(reference, tiny_sd1_path, tmp_path):
         stage.run(config, str(copy))
 
 
-
 @pytest.mark.parametrize("field,value,change", [
     ("eta", 0.3, "sampling.eta: 0.0 -> 0.3"),
     ("negative_prompt", "blurry", "sampling.negative_prompt: '' -> 'blurry'"),
     ("scheduler", "", "sampling.scheduler: 'ddim' -> ''"),  # "" is the folder's PNDM here
 ])
 def test_changed_sampler_settings_are_refused(reference, tiny_sd1_path, tmp_path, field, value, change):
+    from agfsync_jax.errors import StageChangedError
     from agfsync_jax.sampling import stage
 
     copy = shutil.copytree(reference[0], tmp_path / "changed")
@@ -296,7 +296,7 @@ def test_changed_sampler_settings_are_refused(reference, tiny_sd1_path, tmp_path
     assert {f"sampling.{k}" for k in ("eta", "negative_prompt", "lora_path", "lora_scale")} <= set(settings)
     config = _config(tiny_sd1_path, batch_size=4)
     config.sampling[field] = value
-    with pytest.raises(ValueError, match=change):
+    with pytest.raises(StageChangedError, match=change):
         stage.run(config, str(copy))
 
 
