@@ -2,7 +2,8 @@
 
     folder = resolve_base_model(config, workdir)
 
-`model.path` names a user's diffusers folder. With `model.tiny` set instead, the tiny model is
+`model.path` names a user's diffusers folder, or a single-file checkpoint converted once into a
+cached diffusers folder (`models.single_file`). With `model.tiny` set instead, the tiny model is
 built on first use under WORKDIR/base_model (and pretrained when `model.tiny_pretrain_steps` > 0);
 the build is deterministic, so it is cached, and a cached one built with other settings is
 refused rather than reused.
@@ -17,7 +18,14 @@ from typing import Any
 
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.errors import ConfigError
+from agfsync_jax.models import single_file
 from agfsync_jax.tiny import build as tiny_build
+
+
+# model.* fields that a stage fingerprint need not list: the tiny pretraining settings are part of
+# `model_identity`, and where single-file conversions are cached changes nothing.
+COVERED_BY_IDENTITY = ("model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size",
+                       "model.tiny_pretrain_learning_rate", "model.single_file_cache")
 
 
 def resolve_base_model(config: Any, workdir: str | Path) -> Path:
@@ -25,6 +33,9 @@ def resolve_base_model(config: Any, workdir: str | Path) -> Path:
     if config.model.path and config.model.tiny:
         raise ConfigError("set either model.path or model.tiny, not both")
     if config.model.path:
+        if single_file.is_single_file(config.model.path):
+            return single_file.converted_folder(config.model.path, single_file.cache_root(config.model, workdir),
+                                                config.model.single_file_config)
         return Path(config.model.path)
     if not config.model.tiny:
         raise ConfigError("no base model: set model.path (a diffusers folder) or model.tiny (sd1|sdxl)")
@@ -49,15 +60,19 @@ def resolve_base_model_on_every_process(config: Any, workdir: str | Path) -> Pat
     return resolve_base_model(config, workdir)
 
 
-def folder_identity(folder: str | Path) -> str:
-    """A cheap identity of a model folder: its config files' contents and its weight files'
-    names and sizes. Changing weights, configs or the folder itself changes it; copying the
-    folder elsewhere does not."""
+def folder_identity(folder: str | Path, exclude: str | Path | None = None) -> str:
+    """A cheap identity of a model folder (or a dataset): its config files' contents and its
+    other files' names and sizes. Changing weights, configs or the folder itself changes it;
+    copying the folder elsewhere does not. Files under `exclude` (e.g. a work directory kept
+    inside a dataset folder) do not count."""
     folder = Path(folder)
     if not folder.exists():
-        raise ConfigError(f"model folder {folder} does not exist")
+        raise ConfigError(f"folder {folder} does not exist")
     h = hashlib.sha256()
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        files = [p for p in files if not p.resolve().is_relative_to(skip)]
     for p in files:
         rel = p.name if folder.is_file() else str(p.relative_to(folder))
         if rel.startswith(".") or "/." in rel:

@@ -21,6 +21,15 @@ def model_config() -> ml_collections.ConfigDict:
     s.param_dtype = "float32"  # master weights
     s.compute_dtype = "float32"  # "bfloat16" for bf16 activations and matmuls
     s.resolution = 512
+    # diffusers' variant weight files to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
+    # ("" = the plain files). Every loaded component must have them.
+    s.variant = ""
+    # model.path may name a single-file checkpoint (x.safetensors / .ckpt, the original SD layout):
+    # it is converted once into a diffusers folder. The conversion takes configs and tokenizers
+    # from this local diffusers folder of the same architecture ("" = the local Hugging Face
+    # cache of the repository diffusers names for the file); nothing is downloaded.
+    s.single_file_config = ""
+    s.single_file_cache = ""  # where conversions are kept; "" = WORKDIR/base_model_converted
     return s
 
 
@@ -54,7 +63,14 @@ def prompts_config() -> ml_collections.ConfigDict:
     s.instruction_pairs = 0  # InstructEngine pairs to add
     s.instruction_source = ""  # "" (same as source) | "offline" | "llm"
     s.benchmark = ml_collections.ConfigDict()
-    s.benchmark.format = ""  # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text
+    # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text | text_dir | jsonl
+    # (data_prep/prompts/benchmarks.py describes each)
+    s.benchmark.format = ""
+    # Format jsonl (here and for eval.prompts_format=jsonl): the field holding the prompt, the one
+    # holding the category ("" = the file name), and the one holding a list of questions ("" = none).
+    s.benchmark.prompt_key = "prompt"
+    s.benchmark.category_key = "category"
+    s.benchmark.questions_key = ""
     s.benchmark.path = ""
     s.benchmark.questions = "file"  # "file": as in the file (maybe none) | "llm": generate
     s.llm = ml_collections.ConfigDict()

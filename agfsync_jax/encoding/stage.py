@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -57,16 +58,35 @@ _LISTED_SKIPS = 100
 
 
 # Fields that change how fast records are made, not what they hold.
-IGNORED = ("encode.batch_size", "model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size",
-           "model.tiny_pretrain_learning_rate")
+IGNORED = ("encode.batch_size",) + base_model.COVERED_BY_IDENTITY
 
 
-def _settings(config: Any, spec: SourceSpec, num_rows: int, model_path: Path) -> dict[str, Any]:
+def _settings(config: Any, spec: SourceSpec, num_rows: int, workdir: Path) -> dict[str, Any]:
     """Everything that determines the records: the encode and model fields (all but IGNORED),
     the source's identity and size, and the base model's identity."""
     return {**fingerprint.config_settings(config, ("model", "encode"), IGNORED),
             **base_model.model_identity(config), "source.path": str(Path(spec.path).resolve()),
-            "source.identity": base_model.folder_identity(spec.path), "source.rows": num_rows}
+            "source.identity": _source_identity(spec, workdir), "source.rows": num_rows}
+
+
+def _source_identity(spec: SourceSpec, workdir: Path) -> str:
+    """Names and sizes (metadata: contents) of the files the source reads; for a folder, only its
+    images, captions and metadata files, so that other files kept there do not count."""
+    path = Path(spec.path)
+    if spec.format != "folder" or not path.is_dir():
+        return base_model.folder_identity(path, exclude=workdir)
+    from agfsync_jax.encoding.folder_source import IMAGE_EXTENSIONS
+
+    h = hashlib.sha256()
+    skip = workdir.resolve()
+    for p in sorted(path.rglob("*")):
+        if not p.is_file() or p.resolve().is_relative_to(skip):
+            continue
+        if p.suffix.lower() in IMAGE_EXTENSIONS + (".txt",):
+            h.update(f"{p.relative_to(path)}:{p.stat().st_size}\0".encode())
+        elif p.suffix in (".json", ".jsonl") and p.parent == path:
+            h.update(f"{p.name}:".encode() + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _summary_path(pairs_dir: Path, suffix: str) -> Path:
@@ -296,7 +316,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if num_rows == 0:
         raise ValueError(f"{source.path}: no rows to encode")
     model_path = resolve_base_model_on_every_process(config, workdir)
-    settings = _settings(config, spec, num_rows, model_path)
+    settings = _settings(config, spec, num_rows, Path(workdir))
     pairs_dir.mkdir(parents=True, exist_ok=True)
     _settings_check(pairs_dir, settings, write=is_lead)
     _sync("encode: settings")
@@ -321,7 +341,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     encoder = _Encoder(config, source, pairs_dir, num_rows, shard_count)
     program = None
     if num_batches:
-        sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model), components=("unet", "vae"))
+        sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model), components=("unet", "vae"),
+                                   variant=config.model.variant)
         # VAE parameters are laid out as for sampling (sampling.shard_params).
         program = EncodingProgram(sd.vae, mesh, batch_size=int(e.batch_size), resolution=int(config.model.resolution),
                                   mode=e.latent, param_mode=config.sampling.shard_params,

@@ -61,7 +61,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             # A previous attempt died after the rename but before the marker: the folder is
             # whole (it appears atomically) but may be of another step, so rewrite it.
             shutil.rmtree(pipeline_dir)
-        export_pipeline(base, params, pipeline_dir)
+        export_pipeline(base, params, pipeline_dir, variant=config.model.variant)
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
         done_marker.write(out, summary, current)

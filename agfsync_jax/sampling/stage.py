@@ -5,7 +5,9 @@
 Each JAX process generates the prompts of its shard (stage shard x process) and appends to its
 own manifest shard. A re-run regenerates exactly the candidates that have no manifest row or
 whose files do not verify, and writes nothing else; the done marker appears once every
-candidate of every prompt has a row.
+candidate of every prompt has a row. Candidates that failed (non-finite latents) get no row:
+the stage then raises after writing the others, so the command exits non-zero, no done marker
+appears, and a re-run retries exactly the failed ones.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from agfsync_jax import base_model, done_marker, fingerprint, sharding
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.base_model import resolve_base_model_on_every_process
-from agfsync_jax.errors import MissingInputError
+from agfsync_jax.errors import MissingInputError, StageFailedError
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, detect_family, load_stable_diffusion
 from agfsync_jax.sampling import batching, candidates, model_setup, outputs, schedulers
@@ -39,10 +41,13 @@ from agfsync_jax.schemas import ManifestRow, read_prompts
 _WRITER_THREADS = 4
 
 
+class CandidatesFailedError(StageFailedError):
+    """Some candidates could not be made; the others are saved."""
+
+
 # Fields that change how fast candidates are made, not what they are. With sampling.shard_params
 # the last bits may depend on the mesh (see configs/common.py); that is accepted as "the same".
-IGNORED = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params",
-           "model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size", "model.tiny_pretrain_learning_rate")
+IGNORED = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params") + base_model.COVERED_BY_IDENTITY
 
 
 def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
@@ -105,7 +110,8 @@ def _global_max(value: int) -> int:
 def _build_program(config: Any, model_path: Path, scheduler: schedulers.Scheduler,
                    mesh: Any) -> tuple[SamplingProgram, Any]:
     s = config.sampling
-    sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model))
+    sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model),
+                               variant=config.model.variant)
     models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png)
     params = candidates.model_params(sd, s.save_png)
     params["unet"] = model_setup.sampling_unet_params(sd, s.lora_path, s.lora_scale)
@@ -299,4 +305,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
           f"{stats.compile_seconds:.1f} s, {stats.compilations} XLA compilation(s)); "
           f"{len(plan.examples) - len(missing)}/{len(plan.examples)} candidates of all shards done -> {plan.out_dir}",
           flush=True)
+    if stats.failed:
+        shown = "; ".join(stats.failed[:3]) + (" ..." if len(stats.failed) > 3 else "")
+        raise CandidatesFailedError(
+            f"sample: {len(stats.failed)} candidate(s) failed ({shown}); the {stats.generated} that "
+            f"succeeded are saved and the stage is not marked done. Re-run `sample` to retry the "
+            f"failed ones; if they fail again the model computes non-finite values (check the "
+            f"weights and model.compute_dtype)")
     return summary

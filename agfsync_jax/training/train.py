@@ -295,7 +295,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     base = resolve_base_model_on_every_process(config, workdir)
     # The VAE only decodes the validation grid.
     sd = load_stable_diffusion(base, DtypePolicy.from_config(config.model),
-                               components=("unet", "text_encoders") + (("vae",) if cfg.val_prompts else ()))
+                               components=("unet", "text_encoders") + (("vae",) if cfg.val_prompts else ()),
+                               variant=config.model.variant)
     setup = build_training(config, sd, mesh)
 
     ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),

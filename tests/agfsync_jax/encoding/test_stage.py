@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_shard_by_shard(tmp_path, tiny_sd1_path, monkeyp
     assert not np.allclose(_latent(sampled[0], "winner_latent"), _latent(mean[0], "winner_latent"), atol=1e-4)
 
     # Other settings for the same pairs folder are refused, naming what changed.
-    with pytest.raises(ValueError, match=r"other settings \(latent, seed"):
+    with pytest.raises(RuntimeError, match=r"other settings \(encode.latent, encode.seed changed\); `agfsync-jax clean encode"):
         stage.run(mean_config, str(tmp_path / "wd"))
 
 
@@ -182,9 +182,9 @@ def test_a_pairs_folder_of_the_scoring_stage_is_refused(tmp_path, tiny_sd1_path)
 
 
 def test_encode_is_a_cli_stage():
-    from agfsync_jax import main
+    from agfsync_jax import stages
 
-    assert main.STAGES["encode"][:2] == ("agfsync_jax.encoding.stage", "run")
+    assert stages.get("encode").module == "agfsync_jax.encoding.stage" and not stages.get("encode").in_pipeline
 
 
 def test_limit_encodes_the_first_rows(tmp_path, tiny_sd1_path):

@@ -352,3 +352,37 @@ def test_sdxl_lcm_lora_config_gives_the_authors_sampler(tiny_sdxl_path):
     assert sched.name == "lcm" and sched.needs_step_noise
     np.testing.assert_array_equal(sched.timesteps, [999, 799, 599, 399, 199])
     assert config.sampling.guidance_scale == 1.0 and config.sampling.lora_path == ""
+
+
+def test_failed_candidates_make_the_stage_fail_after_saving_the_rest(reference, tiny_sd1_path, tmp_path,
+                                                                    monkeypatch):
+    """Non-finite latents: the other candidates are written, the run raises, no done marker; a
+    re-run retries exactly the failed ones."""
+    from agfsync_jax.sampling import stage
+
+    workdir, _ = reference
+    copy = shutil.copytree(workdir, tmp_path / "failing")
+    out = copy / workdir_lib.CANDIDATES
+    for path in outputs.manifest_files(out):
+        path.unlink()  # forget every row: all 8 are sampled again
+    (out / workdir_lib.DONE_MARKER).unlink()
+
+    write = stage._Writer.write
+
+    def poison_first(self, group, rows):
+        """What a model that overflows does to some candidates: NaN latents."""
+        rows = dict(rows, latents=np.array(rows["latents"]))
+        rows["latents"][0] = np.nan
+        return write(self, group, rows)
+
+    monkeypatch.setattr(stage._Writer, "write", poison_first)
+    with pytest.raises(stage.CandidatesFailedError, match=r"2 candidate\(s\) failed .*non-finite latents"):
+        stage.run(_config(tiny_sd1_path, batch_size=4), str(copy))
+    assert len(_manifest_rows(copy)) == NUM_EXAMPLES - 2  # the rest were saved
+    assert not (out / workdir_lib.DONE_MARKER).exists()
+
+    monkeypatch.setattr(stage._Writer, "write", write)
+    summary = stage.run(_config(tiny_sd1_path, batch_size=4), str(copy))
+    assert summary["generated"] == 2 and summary["complete"] and summary["failed"] == 0
+    assert (out / workdir_lib.DONE_MARKER).is_file()
+    _assert_same_candidates(copy, workdir)

@@ -372,3 +372,29 @@ def test_changed_scorer_settings_stop_with_the_fields_named(scorer_models, workd
     other.scoring.vqa_prompt = "Q: {question} A:"
     with pytest.raises(StageChangedError, match=r"scoring.vqa_prompt changed\); `agfsync-jax clean score"):
         stage.run(other, str(workdir))
+
+
+def test_no_surviving_pair_fails_with_counts_and_leaves_nothing_done(workdir):
+    from configs.common import base_config
+    from data_prep.scoring import stage
+
+    config = base_config()
+    config.scoring.update(dict(tiny=True, weights_preset="custom", weights="clip=1", device="cpu",
+                               min_margin=1e9))  # no AGFSync pair can clear this margin
+    for c in range(NUM_CANDIDATES):  # and the cross pair loses its second instruction
+        (workdir / "candidates" / "latents" / f"ie0_1_{c}.npy").unlink()
+    from agfsync_jax.errors import StageFailedError
+
+    with pytest.raises(StageFailedError) as e:
+        stage.run(config, str(workdir))
+    msg = str(e.value)
+    assert "no pair survived" in msg
+    assert "prompts below_margin: 4" in msg and "prompts missing_instruction_candidates: 1" in msg
+    assert "candidates missing_latent: 3" in msg and "scoring.min_margin" in msg
+    assert not (workdir / "pairs" / "_DONE.json").exists()
+
+    # Not a failure that sticks: with a margin that pairs can clear, the same workdir finishes,
+    # from the scores already stored.
+    config.scoring.min_margin = 0.0
+    summary = stage.run(config, str(workdir))
+    assert summary["pairs"] == 4 and summary["scored"] == 0 and summary["complete"]
