@@ -104,9 +104,22 @@ def sampling_config() -> ml_collections.ConfigDict:
     s.pooled_noise_sigma = 0.0
     # The authors' code starts every prompt's candidate i from the same initial latents.
     s.shared_initial_latents = False
-    s.scheduler = "ddim"  # ddim | dpm_solver | euler | pndm (diffusers' Flax ports)
+    # "": the class the model folder's scheduler/scheduler_config.json names (SD1.5: pndm, SDXL:
+    # euler). Or ddim | dpm_solver | euler | pndm | lcm: another class than the folder's is used
+    # with a warning, on the folder's shared fields (betas, offsets), as diffusers' from_config.
+    s.scheduler = ""
     s.steps = 50
+    # DDIM only: 0 is deterministic DDIM; > 0 adds eta-scaled noise at every step, drawn from the
+    # candidate's own key (diffusers' `eta`).
+    s.eta = 0.0
     s.guidance_scale = 7.5  # classifier-free guidance runs only for values > 1
+    # The unconditional branch of classifier-free guidance. "": the pipelines' default (the
+    # encoding of "", zeros for SDXL); a text: its encoding (the pipelines' `negative_prompt`).
+    s.negative_prompt = ""
+    # A LoRA merged into the UNet for sampling only, e.g. LCM-LoRA with scheduler=lcm, steps 4-8,
+    # guidance_scale 1: a diffusers/peft LoRA safetensors file or a folder holding one. "": none.
+    s.lora_path = ""
+    s.lora_scale = 1.0  # multiplies the LoRA update (diffusers' fuse_lora lora_scale)
     # Examples per compiled call, global; a multiple of (device count x microbatch).
     s.batch_size = 8
     # Examples per UNet call on one device. Results are bitwise reproducible across device

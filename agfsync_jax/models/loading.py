@@ -162,6 +162,18 @@ def _load_tokenizer(folder: Path, component: str) -> Any:
     return CLIPTokenizer.from_pretrained(sub)
 
 
+def _check_flax_unet_supports(unet_config: dict[str, Any], folder: Path) -> None:
+    """Refuses UNet configs whose extra inputs diffusers' Flax UNet lacks (it would ignore them)."""
+    if unet_config.get("time_cond_proj_dim") is not None:
+        # LCM-distilled UNets (e.g. LCM_Dreamshaper_v7, lcm-sdxl) embed the guidance scale w
+        # into the timestep embedding; FlaxUNet2DConditionModel has no such input.
+        raise ModelFolderError(
+            f"{folder}: component 'unet' sets time_cond_proj_dim={unet_config['time_cond_proj_dim']} "
+            f"({folder / 'unet' / 'config.json'}): a guidance-embedding (LCM-distilled) UNet, which "
+            "diffusers' FlaxUNet2DConditionModel cannot run; sample the base model with an LCM-LoRA "
+            "(sampling.scheduler=lcm, sampling.lora_path) instead")
+
+
 def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(),
                           components: Sequence[str] = ALL_COMPONENTS,
                           variant: str = "") -> StableDiffusion:
@@ -183,7 +195,7 @@ def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(
     tokenizer_names = ("tokenizer",) if family == FAMILY_SD1 else ("tokenizer", "tokenizer_2")
 
     # Validate every requested component's presence and class before reading any weights.
-    _component_config(folder, "unet")
+    _check_flax_unet_supports(_component_config(folder, "unet"), folder)
     if "vae" in components:
         _component_config(folder, "vae")
     if "text_encoders" in components:

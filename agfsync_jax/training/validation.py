@@ -111,7 +111,11 @@ class Validator:
                 steps=int(cfg.val_sample_steps), scheduler=config.sampling.scheduler,
                 guidance_scale=float(config.sampling.guidance_scale), resolution=int(config.model.resolution),
                 mesh=mesh, unet_shardings=unet_shardings,
-                vae_shardings=sharding.shardings_from_config(sd.vae.params, mesh, config.mesh))
+                vae_shardings=sharding.shardings_from_config(sd.vae.params, mesh, config.mesh),
+                eta=float(config.sampling.eta))
+            if config.sampling.lora_path:
+                logging.warning("validation: the sample grid samples the policy being trained without "
+                                "sampling.lora_path (%s), which only the sample stage merges", config.sampling.lora_path)
         return cls(int(cfg.eval_every), int(cfg.steps), batches, keys, eval_step, frozen, mesh, used, grid)
 
     def due(self, step: int) -> bool:

@@ -15,6 +15,7 @@ training's cached text encodings read.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,14 +30,16 @@ from agfsync_jax.models.text_encoding import sdxl_time_ids
 from agfsync_jax.sampling import candidate_seeds, candidates, decode, noise
 from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 from agfsync_jax.sampling.denoise import denoise
-from agfsync_jax.sampling.schedulers import make_scheduler
+from agfsync_jax.sampling.schedulers import make_scheduler, resolve_name
 from agfsync_jax.training.text import PromptEncoder
 
 
-def latent_key_data(seed: int, prompt_index: int, image: int) -> np.ndarray:
-    """Key data of the initial latents of image `image` of validation prompt `prompt_index`."""
+def latent_key_data(seed: int, prompt_index: int, image: int,
+                    stream: str = candidate_seeds.LATENTS) -> np.ndarray:
+    """Key data of the initial latents (or another stream, e.g. the step noise) of image `image`
+    of validation prompt `prompt_index`."""
     return candidate_seeds.key_data(candidate_seeds.stream_seed(
-        candidate_seeds.candidate_seed(seed, f"validation/{prompt_index}", 0, image), candidate_seeds.LATENTS))
+        candidate_seeds.candidate_seed(seed, f"validation/{prompt_index}", 0, image), stream))
 
 
 class SampleGrid:
@@ -44,7 +47,7 @@ class SampleGrid:
 
     def __init__(self, sd: StableDiffusion, prompts: Sequence[str], *, images_per_prompt: int, seed: int,
                  steps: int, scheduler: str, guidance_scale: float, resolution: int, mesh: Mesh,
-                 unet_shardings: Any, vae_shardings: Any):
+                 unet_shardings: Any, vae_shardings: Any, eta: float = 0.0):
         if sd.vae is None:
             raise ValueError(f"{sd.path}: the validation grid needs the VAE loaded")
         if not prompts or images_per_prompt < 1 or steps < 1:
@@ -56,8 +59,11 @@ class SampleGrid:
         texts = [p for p in prompts for _ in range(images_per_prompt)]
         texts += [""] * (padded - len(texts))
         keys = np.zeros((padded, 2), np.uint32)
+        step_keys = np.zeros((padded, 2), np.uint32)
         for i in range(self.num_images):
             keys[i] = latent_key_data(seed, i // images_per_prompt, i % images_per_prompt)
+            step_keys[i] = latent_key_data(seed, i // images_per_prompt, i % images_per_prompt,
+                                           candidate_seeds.STEP_NOISE)
         shape = candidates.latent_shape(sd.unet.config, sd.vae.config, resolution, f"({sd.path})")
         latents = np.asarray(jax.jit(noise.initial_latents, static_argnums=1)(keys, shape))
 
@@ -75,12 +81,17 @@ class SampleGrid:
                                            jax.tree_util.tree_map(lambda _: batch, (latents, cond, negative)))
         self._vae_params = sharding.place_tree(sd.vae.params, vae_shardings)
         denoise_fn = make_denoiser(sd.unet.module)
-        sampler = make_scheduler(scheduler, sd.scheduler_config, steps)
+        # sampling.scheduler "" is the folder's class, as in the sample stage.
+        name = resolve_name(scheduler, sd.scheduler_config, f"{sd.path}/scheduler/scheduler_config.json")
+        sampler = make_scheduler(name, sd.scheduler_config, steps, eta=eta)
         vae_module, vae_config = sd.vae.module, dict(sd.vae.config)
+        step_noise = None
+        if sampler.needs_step_noise:  # LCM, DDIM with eta > 0: fixed per image, like the latents
+            step_noise = functools.partial(noise.step_noise, step_keys, latent_shape=shape)
 
         def sample(unet_params, vae_params, inputs):
             latents, cond, negative = inputs
-            final = denoise(denoise_fn, unet_params, sampler, latents, cond, negative, guidance_scale)
+            final = denoise(denoise_fn, unet_params, sampler, latents, cond, negative, guidance_scale, step_noise)
             return decode.decode_to_uint8(vae_module, vae_params, vae_config, final)
 
         self._sample = jax.jit(sample, in_shardings=(unet_shardings, vae_shardings, batch),
