@@ -23,11 +23,7 @@ from ml_collections import config_flags
 
 from agfsync_jax import stages
 from agfsync_jax.errors import UserError
-
-# Set by `agfsync_jax.stage_runner` for a stage it runs in a child process: where to leave the
-# stage's summary.
-SUMMARY_ENV = "AGFSYNC_SUMMARY_OUT"
-USER_ERROR_EXIT = 2
+from agfsync_jax.stage_runner import SUMMARY_ENV, USER_ERROR_EXIT
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True)

@@ -7,7 +7,7 @@ PyTorch scorers never share a process with JAX (whose GPU allocator reserves mos
 device's memory for the life of its process), and every device, thread pool and file handle a
 stage held is released when it ends. The child is `python -m agfsync_jax.main STAGE` with the
 config written as JSON (`configs/resolved.py`); its summary comes back through a file named by
-`agfsync_jax.main.SUMMARY_ENV`. Its output streams to ours; a failure raises with its exit status.
+`SUMMARY_ENV`. Its output streams to ours; a failure raises with its exit status.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from typing import Any
 
 from agfsync_jax.errors import StageFailedError
 
-# The child's exit status for a UserError (agfsync_jax.main.USER_ERROR_EXIT).
-_USER_ERROR_EXIT = 2
+# Set for a stage run in a child process: where `agfsync_jax.main` leaves the stage's summary.
+SUMMARY_ENV = "AGFSYNC_SUMMARY_OUT"
+# The exit status of `agfsync-jax` for a UserError (one line on stderr, no traceback).
+USER_ERROR_EXIT = 2
 
 
 def resolved_config_file() -> Path:
@@ -38,8 +40,6 @@ def child_command(stage: str, config_json: str | Path, workdir: str) -> list[str
 
 
 def child_environment(summary_path: str | Path) -> dict[str, str]:
-    from agfsync_jax.main import SUMMARY_ENV
-
     env = dict(os.environ)
     env[SUMMARY_ENV] = str(summary_path)
     # The repository root first, so that the child imports the same code as the parent.
@@ -57,6 +57,6 @@ def run_in_child(stage: str, config: Any, workdir: str | Path) -> dict[str, Any]
         proc = subprocess.run(child_command(stage, config_json, str(workdir)),
                               env=child_environment(summary_path), check=False)
         if proc.returncode != 0:
-            detail = "the error is printed above" if proc.returncode == _USER_ERROR_EXIT else "see its output above"
+            detail = "the error is printed above" if proc.returncode == USER_ERROR_EXIT else "see its output above"
             raise StageFailedError(f"stage {stage} failed in its process (exit status {proc.returncode}); {detail}")
         return json.loads(summary_path.read_text()) if summary_path.is_file() else {}

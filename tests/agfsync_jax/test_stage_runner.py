@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agfsync_jax import main, stage_runner
+from agfsync_jax import stage_runner
 from configs import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def test_the_child_command_and_environment(tmp_path):
     assert cmd[:4] == [sys.executable, "-m", "agfsync_jax.main", "score"]
     assert cmd[4] == f"--config={REPO / 'configs' / 'resolved.py'}:{tmp_path / 'c.json'}"
     env = stage_runner.child_environment(tmp_path / "s.json")
-    assert env[main.SUMMARY_ENV] == str(tmp_path / "s.json") and env["PYTHONPATH"].split(":")[0] == str(REPO)
+    assert env[stage_runner.SUMMARY_ENV] == str(tmp_path / "s.json") and env["PYTHONPATH"].split(":")[0] == str(REPO)
 
 
 @pytest.mark.slow
