@@ -129,6 +129,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.beta = 5000.0
     c.train.learning_rate = 5e-7
     c.train.warmup_steps = 0
+    # "constant" (after the linear warmup; Diffusion-DPO) | "cosine" (linear warmup, then cosine
+    # decay to 0 at train.steps; the AGFSync authors' code, diffusers' get_cosine_schedule_with_warmup).
+    c.train.lr_schedule = "constant"
+    # Multiply learning_rate by the effective batch (train.batch_size pairs per update), as
+    # Diffusion-DPO's script does with --scale_lr.
+    c.train.scale_lr = False
+    # "adamw" | "adafactor" (optax's, set up like transformers.Adafactor in Diffusion-DPO's SDXL
+    # runs: no parameter scaling, no relative step, update clipping 1.0, decoupled weight decay).
+    c.train.optimizer = "adamw"
+    c.train.adam_moments_dtype = "float32"  # "bfloat16": both Adam moments stored in bf16 (adamw)
+    # > 0: keep an exponential moving average of the trained parameters (adapters under LoRA) with
+    # this decay, warmed up as diffusers' EMAModel does; export writes the average.
+    c.train.ema_decay = 0.0
+    # LoRA Diffusion-DPO (agfsync_jax/lora): rank > 0 trains only adapters of that rank on the
+    # frozen base UNet, which is also the reference (adapters off): no reference copy, optimizer
+    # state only for the adapters. Dropout is 0. The base may be stored in bf16 (model.param_dtype);
+    # adapters and their optimizer state stay float32.
+    c.train.lora = ml_collections.ConfigDict()
+    c.train.lora.rank = 0
+    c.train.lora.alpha = 0.0  # 0: alpha = rank (scale 1, as diffusers' Diffusion-DPO LoRA example)
+    # Comma-separated target groups: attention (to_q, to_k, to_v, to_out.0; the default, as in
+    # diffusers' example) | feed_forward (ff.net.0.proj, ff.net.2) | resnet_convs (conv1, conv2).
+    c.train.lora.targets = "attention"
     c.train.batch_size = 128  # pairs per optimizer step, global
     c.train.grad_accum_steps = 1
     c.train.steps = 1000
@@ -162,6 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.step = -1  # -1: latest checkpoint
     c.export.flax_msgpack = False
+    c.export.use_ema = True  # export the EMA parameters when the run kept them (train.ema_decay > 0)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts_path = ""  # "" -> the held-out tail of WORKDIR/prompts; else a benchmark file
