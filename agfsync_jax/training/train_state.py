@@ -101,7 +101,7 @@ def make_optimizer(train_config: Any) -> optax.GradientTransformation:
         # transformers.Adafactor(scale_parameter=False, relative_step=False, clip_threshold=1.0,
         # weight_decay=wd) as Diffusion-DPO runs it for SDXL: second-moment decay 1 - t^-0.8, eps
         # 1e-30, no momentum, decay applied as lr * wd * param.
-        core = optax.chain(optax.scale_by_factored_rms(decay_rate=0.8, eps=1e-30), optax.clip_by_block_rms(1.0),
+        core = optax.chain(optax.scale_by_factored_rms(decay_rate=0.8, epsilon=1e-30), optax.clip_by_block_rms(1.0),
                            optax.add_decayed_weights(float(cfg.weight_decay)), optax.scale_by_learning_rate(schedule))
     else:
         raise ValueError(f"train.optimizer={cfg.optimizer!r}, expected one of {OPTIMIZERS}")
