@@ -1,4 +1,9 @@
-"""Export a finetuned Flax UNet as a diffusers PyTorch pipeline folder.
+"""Export a finetuned Flax UNet as a diffusers PyTorch pipeline folder (and a LoRA run's adapters).
+
+A LoRA run (`train.lora.rank` > 0) also gets WORKDIR/export/lora/pytorch_lora_weights.safetensors,
+which `pipe.load_lora_weights(WORKDIR/export/lora)` applies to the base pipeline, while the
+pipeline folder holds the adapters merged into the base UNet. A run with `train.ema_decay` > 0
+exports its EMA parameters (unless `export.use_ema` is off).
 
 The output folder is the base model's folder with the UNet replaced: every other component is
 copied over unchanged, the UNet is written as safetensors, and `model_index.json` names PyTorch
@@ -131,6 +136,28 @@ def export_flax_msgpack(base_folder: str | Path, unet_params: Any, out_dir: str 
     return out_dir
 
 
+def trained_unet(config: Any, base_folder: str | Path, trained: Any) -> tuple[Any, Any]:
+    """(UNet parameters to export, LoRA adapters or None) from a checkpoint's trained tree.
+
+    Under LoRA the checkpoint holds adapters; they are merged into the base folder's float32 UNet.
+    """
+    from agfsync_jax import lora
+    from agfsync_jax.models.loading import load_stable_diffusion
+
+    rank = int(config.train.lora.rank)
+    if rank > 0:
+        if not lora.is_adapter_tree(trained):
+            raise ValueError(f"train.lora.rank={rank} but the checkpoint holds full UNet parameters, not "
+                             "adapters: export with the config the run was trained with")
+        base = load_stable_diffusion(base_folder, components=("unet",)).unet.params
+        scale = lora.adapter_scale(rank, float(config.train.lora.alpha))
+        return lora.merge(base, trained, scale, where="checkpoint adapters"), trained
+    if lora.is_adapter_tree(trained):
+        raise ValueError("the checkpoint holds LoRA adapters but train.lora.rank=0: export with the "
+                         "config the run was trained with")
+    return trained, None
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Stage `export`: WORKDIR/train checkpoint (export.step, -1 = latest) -> WORKDIR/export.
 
@@ -139,7 +166,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """
     import jax
 
-    from agfsync_jax import workdir as workdir_lib
+    from agfsync_jax import lora, workdir as workdir_lib
     from agfsync_jax.atomic_io import atomic_write_json
     from agfsync_jax.models.tiny import resolve_base_model
     from agfsync_jax.training import checkpointing
@@ -152,17 +179,27 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         summary = json.loads(done.read_text())
         print(f"export: complete ({summary['pipeline']}), skipped")
         return summary
-    step, params = checkpointing.load_params(wd / workdir_lib.TRAIN / CHECKPOINTS,
-                                             None if config.export.step < 0 else int(config.export.step))
+    field = "ema_params" if float(config.train.ema_decay) > 0 and bool(config.export.use_ema) else "params"
+    step, values = checkpointing.read_checkpoint(wd / workdir_lib.TRAIN / CHECKPOINTS,
+                                                 None if config.export.step < 0 else int(config.export.step),
+                                                 (field,))
     base = resolve_base_model(config, wd)
+    params, adapters = trained_unet(config, base, values[field])
     pipeline_dir = out / "pipeline"
-    summary = {"step": step, "base": str(base), "pipeline": str(pipeline_dir)}
+    summary = {"step": step, "base": str(base), "pipeline": str(pipeline_dir), "weights": field}
+    if adapters is not None:
+        summary["lora"] = str(out / "lora")
     if jax.process_index() == 0:
-        if pipeline_dir.exists():
-            # A previous attempt died after the rename but before the marker: the folder is
-            # whole (it appears atomically) but may be of another step, so rewrite it.
-            shutil.rmtree(pipeline_dir)
+        # A previous attempt died after a rename but before the marker: the folders are whole
+        # (they appear atomically) but may be of another step, so rewrite them.
+        for stale in (pipeline_dir, out / "lora"):
+            if stale.exists():
+                shutil.rmtree(stale)
         export_pipeline(base, params, pipeline_dir)
+        if adapters is not None:
+            unet_config = json.loads((Path(base) / "unet" / "config.json").read_text())
+            lora.save_diffusers_lora(adapters, unet_config, out / "lora",
+                                     lora.adapter_scale(int(config.train.lora.rank), float(config.train.lora.alpha)))
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
         atomic_write_json(done, summary)

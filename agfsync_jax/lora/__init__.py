@@ -11,6 +11,8 @@ Public API:
         Fresh trainable adapters (b = 0) on the target groups of `keys.TARGET_GROUPS`.
     merge(unet_params, adapters, scale) -> params
         Trained adapters fused into the base (`adapters`).
+    adapter_scale(rank, alpha) -> float
+        alpha / rank (alpha 0: alpha = rank).
     WithAdapters(base, adapters), variables(params), interceptor(scale)
         Run the UNet with adapters on, without merging (`adapters`).
     save_diffusers_lora(adapters, unet_config, out_dir, scale) -> out_dir
@@ -20,10 +22,10 @@ Nothing here imports a stage or data_prep. Unknown, unmatched or unsupported key
 name the file and key (`LoraKeyError`); nothing is dropped silently.
 """
 
-from agfsync_jax.lora.adapters import WithAdapters, init_adapters, interceptor, is_adapter_tree, merge, variables
+from agfsync_jax.lora.adapters import WithAdapters, adapter_scale, init_adapters, interceptor, is_adapter_tree, merge, variables
 from agfsync_jax.lora.files import LoraWeights, load_lora, merge_lora, save_diffusers_lora
 from agfsync_jax.lora.keys import TARGET_GROUPS, LoraKeyError, parse_targets
 
-__all__ = ["LoraKeyError", "LoraWeights", "TARGET_GROUPS", "WithAdapters", "init_adapters", "interceptor",
+__all__ = ["LoraKeyError", "LoraWeights", "TARGET_GROUPS", "WithAdapters", "adapter_scale", "init_adapters", "interceptor",
            "is_adapter_tree", "load_lora", "merge", "merge_lora", "parse_targets", "save_diffusers_lora",
            "variables"]

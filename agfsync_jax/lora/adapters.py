@@ -42,6 +42,13 @@ class WithAdapters:
     adapters: Any
 
 
+def adapter_scale(rank: int, alpha: float = 0.0) -> float:
+    """alpha / rank, the factor on b(a(x)); alpha 0 means alpha = rank (scale 1)."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank {rank} must be >= 1")
+    return (float(alpha) or rank) / rank
+
+
 def variables(params: Any) -> dict[str, Any]:
     """Flax variables for `unet.apply`: base + "lora" collection, or the plain parameters."""
     if isinstance(params, WithAdapters):

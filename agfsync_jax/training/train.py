@@ -131,7 +131,7 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 def lora_scale(train_config: Any) -> float | None:
     """alpha / rank of a LoRA run (alpha 0 means alpha = rank); None without LoRA."""
     rank = int(train_config.lora.rank)
-    return (float(train_config.lora.alpha) or rank) / rank if rank > 0 else None
+    return lora.adapter_scale(rank, float(train_config.lora.alpha)) if rank > 0 else None
 
 
 def _frozen(config: Any, spec: losses.LossSpec, sd: StableDiffusion, param_shardings: Any,
