@@ -72,8 +72,8 @@ def interceptor(scale: float) -> Callable[..., Any]:
     return intercept
 
 
-def _modules(adapters: Any, where: str) -> dict[tuple[str, ...], tuple[Any, Any]]:
-    """{Flax module path: (a, b)} of an adapter tree, checking its shape."""
+def modules(adapters: Any, where: str = "adapters") -> dict[tuple[str, ...], tuple[Any, Any]]:
+    """{Flax module path: (a, b)} of an adapter tree, checking that it is one."""
     flat = flatten_dict(adapters)
     out: dict[tuple[str, ...], list[Any]] = {}
     for path, leaf in flat.items():
@@ -104,11 +104,11 @@ def init_adapters(unet_params: Any, unet_config: Mapping[str, Any], rank: int, t
         raise ValueError(f"train.lora.rank={rank} must be >= 1 to train adapters")
     layout = keys.unet_layout(unet_config)
     kernels = flatten_dict(unet_params)
-    modules = keys.select_modules(layout, targets)
-    if not modules:
+    targeted = keys.select_modules(layout, targets)
+    if not targeted:
         raise ValueError(f"train.lora.targets={tuple(targets)} match no layer of this UNet")
     flat = {}
-    for module, key in zip(modules, jax.random.split(rng, len(modules))):
+    for module, key in zip(targeted, jax.random.split(rng, len(targeted))):
         path = layout.flax_path[module]
         kernel = kernels.get(path + ("kernel",))
         if kernel is None:
@@ -126,7 +126,7 @@ def merge(unet_params: Any, adapters: Any, scale: float = 1.0, where: str = "ada
     adapter has no kernel of matching shape.
     """
     flat = {k: np.asarray(v) for k, v in flatten_dict(unet_params).items()}
-    for path, (a, b) in _modules(adapters, where).items():
+    for path, (a, b) in modules(adapters, where).items():
         kernel_key = path + ("kernel",)
         kernel = flat.get(kernel_key)
         a, b = np.asarray(a), np.asarray(b)

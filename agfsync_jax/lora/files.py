@@ -49,7 +49,7 @@ class LoraWeights:
 
     @property
     def num_modules(self) -> int:
-        return len(adapters_lib._modules(self.adapters, self.source))
+        return len(adapters_lib.modules(self.adapters, self.source))
 
 
 def resolve_file(path: str | Path) -> Path:
@@ -169,7 +169,7 @@ def diffusers_state_dict(adapters: Any, unet_config: Mapping[str, Any], scale: f
     """Adapters -> {`<module>.lora_A.weight` / `lora_B.weight`: float32 array} (peft layout, no prefix)."""
     layout = keys.unet_layout(unet_config)
     state = {}
-    for path, (a, b) in adapters_lib._modules(adapters, "adapters").items():
+    for path, (a, b) in adapters_lib.modules(adapters, "adapters").items():
         module = layout.module_name.get(tuple(path))
         if module is None:
             raise LoraKeyError(f"adapter {'/'.join(path)} has no PyTorch counterpart in this UNet config")

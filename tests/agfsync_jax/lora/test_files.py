@@ -64,7 +64,8 @@ def _diffusers_out(case, path, fuse, **kwargs):
 def test_peft_lora_merged_and_on_the_fly_match_diffusers(case):
     sd, inputs = case["sd"], case["inputs"]
     weights = lora.load_lora(case["peft_dir"], sd.unet.config)
-    assert weights.num_modules == len(case["adapted_unet"].peft_config["default"].target_modules) or weights.num_modules > 10
+    peft_layers = sum(1 for name, _ in case["adapted_unet"].named_parameters() if ".lora_A." in name)
+    assert weights.num_modules == peft_layers > 30  # every adapted layer, none dropped
     oracle = _diffusers_out(case, case["peft_dir"], fuse=True)
     unfused = _diffusers_out(case, case["peft_dir"], fuse=False)
     base = flax_unet_out(sd.unet.module, {"params": sd.unet.params}, inputs)
