@@ -15,11 +15,14 @@ projections, constant lr 1e-5 (the paper's 1e-6 is for full finetuning), with pe
 and bf16 compute. The 64 pairs of a step are 8 accumulated microbatches, so each device holds
 64 / (devices x 8) pairs at a time (8 on one device, 1 on eight).
 
-Hardware (planned, not measured on an accelerator): the state is the bf16 base UNet
-(5.1 GB), float32 adapters and their Adam moments (under 0.1 GB at rank 8), with no reference
-copy; full SDXL DPO keeps 16 bytes per parameter (41 GB) before activations. The compile-only
-plans in docs/performance.md (LoRA section) size the step; the sampling stage, not training,
-then decides the accelerator (configs/sdxl.py).
+Hardware (planned, not measured on an accelerator). The state is the bf16 base UNet (4.8 GiB),
+float32 adapters and their Adam moments (rank 8: 0.13 GiB), with no reference copy; full SDXL
+DPO keeps 16 bytes per parameter (38 GiB) before activations. The compile-only plan of this
+step at one pair per device (XLA:CPU with its memory-minimising scheduler, docs/performance.md,
+LoRA section) is 37.6 GiB: 4.9 GiB of arguments and 32.7 GiB of temporaries (activations). So:
+8 devices of 48-80 GB (one pair each, as configured), or one 80 GB GPU with
+`--config.train.grad_accum_steps=64`. By that plan it does not fit a 16 GiB chip at 1024 px
+(FSDP shards the 4.9 GiB, not the activations); the TPU compiler's plan was not made.
 """
 
 from configs import sdxl
