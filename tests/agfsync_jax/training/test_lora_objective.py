@@ -133,3 +133,25 @@ def test_loss_and_adapter_gradients_match_pytorch_peft(setup):
     np.testing.assert_allclose(float(loss), pt_loss, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["implicit_acc"]), pt_acc)
     assert rel < 1e-3
+
+
+@pytest.mark.parametrize("variant", [dict(remat_policy="nothing_saveable", remat_scope="layers"),
+                                     dict(attention="fused")])
+def test_adapters_act_under_per_layer_remat_and_fused_attention(setup, tiny_sd1, variant):
+    """Remat lifts the "lora" collection into each checkpoint; the fused attention calls the
+    same Dense layers: both give the plain loss and adapter gradients."""
+    schedule = noise_lib.schedule_from_config(tiny_sd1.scheduler_config)
+    denoiser = make_denoiser(tiny_sd1.unet.module.clone(dtype=jnp.float64), lora_scale=ALPHA / RANK, **variant)
+    spec = losses.get_loss("dpo")
+
+    def f(adapters, base, inputs):
+        return objective(lora.WithAdapters(base, adapters), base, denoiser, spec, schedule, BETA,
+                         {"winner": inputs["winner"], "loser": inputs["loser"]},
+                         [Conditioning(jnp.asarray(inputs["embeds"]))], inputs["noise"], TIMESTEPS)
+    with jax.enable_x64(True):
+        (loss, _), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(setup["adapters"], setup["base"], setup["inputs"])
+        (plain, _), plain_grads = setup["grad"](setup["adapters"], setup["base"], setup["inputs"])
+    assert abs(float(plain) - math.log(2)) > 1e-2
+    np.testing.assert_allclose(float(loss), float(plain), rtol=1e-9)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(plain_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9 * float(np.abs(b).max()))
