@@ -1,4 +1,5 @@
-"""LoRA-test helpers: LoRA files made by peft/diffusers' own saving code, and UNet inputs."""
+"""LoRA-test helpers (imported by this folder's tests): LoRA files made by peft/diffusers' own
+saving code, UNet inputs, and the PyTorch and Flax UNet outputs on them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from agfsync_jax.models import loading
 
@@ -110,12 +110,3 @@ def flax_unet_out(module, variables: dict, inputs: dict, scale: float | None = N
     # Flax UNet wraps a non-jax `timesteps` in an extra dimension.
     fn = _COMPILED.setdefault((id(module), scale), jax.jit(run))
     return np.asarray(fn(variables, inputs["x"], inputs["t"], inputs["ctx"], inputs["added"]))
-
-
-@pytest.fixture(scope="session")
-def lora_helpers():
-    import types
-
-    return types.SimpleNamespace(peft_lora_unet=peft_lora_unet, save_peft_lora=save_peft_lora,
-                                 unet_inputs=unet_inputs, torch_unet_out=torch_unet_out,
-                                 flax_unet_out=flax_unet_out, RANK=RANK, ALPHA=ALPHA)

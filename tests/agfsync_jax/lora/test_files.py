@@ -11,7 +11,7 @@ import torch
 from agfsync_jax import lora
 from agfsync_jax.lora import keys
 
-from .conftest import ALPHA, RANK, flax_unet_out, peft_lora_unet, save_peft_lora, torch_unet_out, unet_inputs
+from .conftest import ALPHA, flax_unet_out, peft_lora_unet, save_peft_lora, torch_unet_out, unet_inputs
 
 KOHYA_ALPHA = 2.0
 

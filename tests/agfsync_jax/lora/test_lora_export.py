@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from agfsync_jax import export, lora, sharding, workdir as workdir_lib
+from agfsync_jax import export, lora, workdir as workdir_lib
 from agfsync_jax.training import checkpointing
 from agfsync_jax.training.train_state import TrainState
 
