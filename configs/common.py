@@ -191,6 +191,29 @@ def train_config() -> ml_collections.ConfigDict:
     s.adam_eps = 1e-8
     s.weight_decay = 1e-2
     s.grad_clip_norm = 1.0
+    # "constant" (after the linear warmup; Diffusion-DPO) | "cosine" (linear warmup, then cosine
+    # decay to 0 at train.steps; the AGFSync authors' code, diffusers' get_cosine_schedule_with_warmup).
+    s.lr_schedule = "constant"
+    # Multiply learning_rate by the effective batch (train.batch_size pairs per update), as
+    # Diffusion-DPO's script does with --scale_lr.
+    s.scale_lr = False
+    # "adamw" | "adafactor" (optax's, set up like transformers.Adafactor in Diffusion-DPO's SDXL
+    # runs: no parameter scaling, no relative step, update clipping 1.0, decoupled weight decay).
+    s.optimizer = "adamw"
+    s.adam_moments_dtype = "float32"  # "bfloat16": both Adam moments stored in bf16 (adamw)
+    # > 0: keep an exponential moving average of the trained parameters (adapters under LoRA) with
+    # this decay, warmed up as diffusers' EMAModel does; export writes the average.
+    s.ema_decay = 0.0
+    # LoRA Diffusion-DPO (agfsync_jax/lora): rank > 0 trains only adapters of that rank on the
+    # frozen base UNet, which is also the reference (adapters off): no reference copy, optimizer
+    # state only for the adapters. Dropout is 0. The base may be stored in bf16 (model.param_dtype);
+    # adapters and their optimizer state stay float32.
+    s.lora = ml_collections.ConfigDict()
+    s.lora.rank = 0
+    s.lora.alpha = 0.0  # 0: alpha = rank (scale 1, as diffusers' Diffusion-DPO LoRA example)
+    # Comma-separated target groups: attention (to_q, to_k, to_v, to_out.0; the default, as in
+    # diffusers' example) | feed_forward (ff.net.0.proj, ff.net.2) | resnet_convs (conv1, conv2).
+    s.lora.targets = "attention"
     s.remat = False  # recompute UNet activations in the backward pass (less memory)
     s.remat_policy = "dots_with_no_batch_dims_saveable"  # a jax.checkpoint_policies name
     # What one checkpoint covers: "layers" (each resnet and transformer, like diffusers' PyTorch
@@ -258,6 +281,7 @@ def export_config() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.step = -1  # -1: latest checkpoint
     s.flax_msgpack = False
+    s.use_ema = True  # export the EMA parameters when the run kept them (train.ema_decay > 0)
     return s
 
 

@@ -1,4 +1,9 @@
-"""Export a finetuned Flax UNet as a diffusers PyTorch pipeline folder.
+"""Export a finetuned Flax UNet as a diffusers PyTorch pipeline folder (and a LoRA run's adapters).
+
+A LoRA run (`train.lora.rank` > 0) also gets WORKDIR/export/lora/pytorch_lora_weights.safetensors,
+which `pipe.load_lora_weights(WORKDIR/export/lora)` applies to the base pipeline, while the
+pipeline folder holds the adapters merged into the base UNet. A run with `train.ema_decay` > 0
+exports its EMA parameters (unless `export.use_ema` is off).
 
 The output folder is the base model's pipeline with the UNet replaced: the other components
 that `model_index.json` names are copied over unchanged, the UNet is written as safetensors,
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from agfsync_jax.errors import ConfigError
 from agfsync_jax.models.weight_conversion import ParameterMismatchError
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -182,3 +188,25 @@ def export_flax_msgpack(base_folder: str | Path, unet_params: Any, out_dir: str 
     atomic_write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
     atomic_write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
     return out_dir
+
+
+def trained_unet(config: Any, base_folder: str | Path, trained: Any) -> tuple[Any, Any]:
+    """(UNet parameters to export, LoRA adapters or None) from a checkpoint's trained tree.
+
+    Under LoRA the checkpoint holds adapters; they are merged into the base folder's float32 UNet.
+    """
+    from agfsync_jax import lora
+    from agfsync_jax.models.loading import load_stable_diffusion
+
+    rank = int(config.train.lora.rank)
+    if rank > 0:
+        if not lora.is_adapter_tree(trained):
+            raise ConfigError(f"train.lora.rank={rank} but the checkpoint holds full UNet parameters, not "
+                             "adapters: export with the config the run was trained with")
+        base = load_stable_diffusion(base_folder, components=("unet",)).unet.params
+        scale = lora.adapter_scale(rank, float(config.train.lora.alpha))
+        return lora.merge(base, trained, scale, where="checkpoint adapters"), trained
+    if lora.is_adapter_tree(trained):
+        raise ConfigError("the checkpoint holds LoRA adapters but train.lora.rank=0: export with the "
+                         "config the run was trained with")
+    return trained, None

@@ -10,6 +10,7 @@ redone when they changed.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from agfsync_jax import base_model, done_marker, fingerprint, workdir as workdir
 from agfsync_jax.errors import MissingInputError
 
 PIPELINE_DIR = "pipeline"
+LORA_DIR = "lora"  # a LoRA run's adapters, for pipe.load_lora_weights(WORKDIR/export/lora)
 # export.* fields that do not change what is exported: none today.
 IGNORED: tuple[str, ...] = ()
 
@@ -27,7 +29,9 @@ def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
     if train_marker is None:
         raise MissingInputError(f"{Path(workdir) / workdir_lib.TRAIN}: training has not finished; run the "
                                 "`train` stage first")
+    # The LoRA and EMA settings decide what a checkpoint holds and how it becomes a UNet.
     return {**fingerprint.config_settings(config, ("export",), IGNORED), **base_model.model_identity(config),
+            "train.lora": config.train.lora.to_dict(), "train.ema_decay": float(config.train.ema_decay),
             "inputs.train": train_marker.get(done_marker.FINGERPRINT, train_marker.get("step"))}
 
 
@@ -48,20 +52,30 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     import jax
 
-    from agfsync_jax.export.pipeline_export import export_flax_msgpack, export_pipeline
+    from agfsync_jax import lora
+    from agfsync_jax.export.pipeline_export import export_flax_msgpack, export_pipeline, trained_unet
     from agfsync_jax.training import checkpointing
 
-    step, params = checkpointing.load_params(checkpointing.checkpoint_dir(wd),
-                                             None if config.export.step < 0 else int(config.export.step))
+    field = "ema_params" if float(config.train.ema_decay) > 0 and bool(config.export.use_ema) else "params"
+    step, values = checkpointing.read_checkpoint(checkpointing.checkpoint_dir(wd),
+                                                 None if config.export.step < 0 else int(config.export.step), (field,))
     base = base_model.resolve_base_model(config, wd)
+    params, adapters = trained_unet(config, base, values[field])
     pipeline_dir = out / PIPELINE_DIR
-    summary = {"step": step, "base": str(base), "pipeline": str(pipeline_dir)}
+    summary = {"step": step, "base": str(base), "pipeline": str(pipeline_dir), "weights": field}
+    if adapters is not None:
+        summary["lora"] = str(out / LORA_DIR)
     if jax.process_index() == 0:
-        if pipeline_dir.exists():
-            # A previous attempt died after the rename but before the marker: the folder is
-            # whole (it appears atomically) but may be of another step, so rewrite it.
-            shutil.rmtree(pipeline_dir)
+        # A previous attempt died after a rename but before the marker: the folders are whole
+        # (they appear atomically) but may be of another step, so rewrite them.
+        for stale in (pipeline_dir, out / LORA_DIR):
+            if stale.exists():
+                shutil.rmtree(stale)
         export_pipeline(base, params, pipeline_dir, variant=config.model.variant)
+        if adapters is not None:
+            unet_config = json.loads((Path(base) / "unet" / "config.json").read_text())
+            lora.save_diffusers_lora(adapters, unet_config, out / LORA_DIR,
+                                     lora.adapter_scale(int(config.train.lora.rank), float(config.train.lora.alpha)))
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
         done_marker.write(out, summary, current)

@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from agfsync_jax import lora
 from agfsync_jax.models import attention as attention_lib, remat as remat_lib
 
 
@@ -44,8 +45,12 @@ ATTENTION_KINDS = ("diffusers", "fused")
 
 
 def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "diffusers",
-                  remat_scope: str = "layers") -> Denoiser:
+                  remat_scope: str = "layers", lora_scale: float | None = None) -> Denoiser:
     """(params, x_t, t, cond) -> prediction (float32 or wider), with optional rematerialisation.
+
+    `params` is the UNet's parameter tree, or `lora.WithAdapters(base, adapters)` for a LoRA
+    policy, whose adapters then act with `lora_scale` (alpha / rank); the base tree alone runs
+    the UNet with adapters off (the LoRA run's reference).
 
     `attention` is "diffusers" (the Flax UNet's own attention) or "fused"
     (`agfsync_jax.models.attention`: the same math with a flash-style backward that keeps no
@@ -71,11 +76,13 @@ def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "di
 
     def apply(params: Any, x_t: jax.Array, t: jax.Array, cond: Conditioning) -> jax.Array:
         with contextlib.ExitStack() as stack:
+            if lora_scale is not None:
+                stack.enter_context(nn.intercept_methods(lora.interceptor(lora_scale)))
             if attention == "fused":
                 stack.enter_context(nn.intercept_methods(attention_lib.interceptor))
             if per_module:
                 stack.enter_context(nn.intercept_methods(remat_lib.interceptor(policy, remat_scope)))
-            out = unet_module.apply({"params": params}, x_t, t, cond.embeds,
+            out = unet_module.apply(lora.variables(params), x_t, t, cond.embeds,
                                     added_cond_kwargs=cond.added_cond_kwargs(), train=False)
         # Scored in float32 even under bf16 compute (float64 stays float64, for tests).
         return out.sample.astype(jnp.promote_types(out.sample.dtype, jnp.float32))

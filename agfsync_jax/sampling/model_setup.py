@@ -18,10 +18,6 @@ from agfsync_jax.base_model import folder_identity
 from agfsync_jax.models.loading import StableDiffusion
 
 
-class LoraNotConnectedError(RuntimeError):
-    """sampling.lora_path is set, but this build cannot merge a LoRA into the sampler's UNet yet."""
-
-
 def check_lora_settings(lora_path: str, lora_scale: float) -> None:
     """Fails before any model is loaded if sampling.lora_path / sampling.lora_scale are unusable."""
     if not math.isfinite(lora_scale):
@@ -48,10 +44,6 @@ def sampling_unet_params(sd: StableDiffusion, lora_path: str, lora_scale: float)
     merged in at `lora_scale` when one is given."""
     if not lora_path:
         return sd.unet.params
-    # Integration point (issue 17 item 1): merge with agfsync_jax.lora, e.g.
-    #     return merge_lora(sd.unet.params, load_lora(lora_path), lora_scale)
-    # Until that is connected, a LoRA is refused rather than sampled without.
-    raise LoraNotConnectedError(
-        f"sampling.lora_path={lora_path!r}: merging a LoRA into the sampler's UNet is not connected in "
-        "this build (agfsync_jax/sampling/model_setup.py, sampling_unet_params); unset sampling.lora_path "
-        "or use a folder whose UNet already has the LoRA fused in")
+    from agfsync_jax.lora import load_lora, merge_lora
+
+    return merge_lora(sd.unet.params, load_lora(lora_path, sd.unet.config), lora_scale)

@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from agfsync_jax import atomic_io, sharding, workdir as workdir_lib
+from agfsync_jax import atomic_io, lora, sharding, workdir as workdir_lib
 from agfsync_jax.base_model import resolve_base_model_on_every_process
 from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 from agfsync_jax.models.dtype_policy import DtypePolicy
@@ -39,8 +39,8 @@ from agfsync_jax.models.text_encoding import sdxl_time_ids
 from agfsync_jax.training import (
     checkpointing, losses, noise as noise_lib, pair_kinds, summaries, text as text_lib, validation, validation_split)
 from agfsync_jax.training.train_state import (
-    TrainState, abstract_train_state, create_train_state, learning_rate_schedule, make_optimizer,
-    train_state_shardings)
+    LR_SCHEDULES, OPTIMIZERS, TrainState, abstract_train_state, create_train_state, learning_rate_schedule,
+    make_optimizer, train_state_shardings)
 from agfsync_jax.training.train_step import (
     EMBEDS, INPUT_IDS, POOLED, TIME_IDS, Frozen, frozen_shardings, make_eval_step, make_train_step, slot_key)
 
@@ -108,6 +108,16 @@ def validate_config(config: Any, mesh: jax.sharding.Mesh) -> None:
         raise ValueError(f"train.prompt_dropout={cfg.prompt_dropout} must be in [0, 1)")
     if int(cfg.steps) < 1 or int(cfg.log_every) < 1:
         raise ValueError(f"train.steps={cfg.steps} and train.log_every={cfg.log_every} must be >= 1")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer={cfg.optimizer!r}, expected one of {OPTIMIZERS}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={cfg.lr_schedule!r}, expected one of {LR_SCHEDULES}")
+    if not 0.0 <= float(cfg.ema_decay) < 1.0:
+        raise ValueError(f"train.ema_decay={cfg.ema_decay} must be in [0, 1) (0: no EMA)")
+    if int(cfg.lora.rank) < 0 or float(cfg.lora.alpha) < 0:
+        raise ValueError(f"train.lora.rank={cfg.lora.rank} and train.lora.alpha={cfg.lora.alpha} must be >= 0")
+    if int(cfg.lora.rank) > 0:
+        lora.parse_targets(cfg.lora.targets)
     per_micro = mesh.size * int(cfg.grad_accum_steps)
     if int(cfg.batch_size) % per_micro:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be a multiple of devices ({mesh.size}) x "
@@ -119,9 +129,21 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def lora_scale(train_config: Any) -> float | None:
+    """alpha / rank of a LoRA run (alpha 0 means alpha = rank); None without LoRA."""
+    rank = int(train_config.lora.rank)
+    return lora.adapter_scale(rank, float(train_config.lora.alpha)) if rank > 0 else None
+
+
 def _frozen(config: Any, spec: losses.LossSpec, sd: StableDiffusion, param_shardings: Any,
             mesh: jax.sharding.Mesh, prompt_encoder: text_lib.PromptEncoder | None) -> Frozen:
-    ref = sharding.place_tree(sd.unet.params, param_shardings) if spec.uses_reference else None
+    base = None
+    if int(config.train.lora.rank) > 0:
+        # The one UNet copy: the adapters' base and, with adapters off, the reference.
+        host = sd.unet.params
+        base = sharding.place_tree(host, sharding.shardings_from_config(host, mesh, config.mesh))
+    ref = (sharding.place_tree(sd.unet.params, param_shardings)
+           if spec.uses_reference and base is None else None)
     text_params = None
     if config.train.text_encoding == "in_step":
         host = tuple(c.params for c in sd.text_encoders)
@@ -132,7 +154,7 @@ def _frozen(config: Any, spec: losses.LossSpec, sd: StableDiffusion, param_shard
         encoded = prompt_encoder([""])
         host = Conditioning(encoded.embeds, encoded.pooled)
         empty = sharding.place_tree(host, jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), host))
-    return Frozen(ref_params=ref, text_params=text_params, empty=empty)
+    return Frozen(ref_params=ref, text_params=text_params, empty=empty, base_params=base)
 
 
 class _Reporter:
@@ -234,10 +256,11 @@ class TrainSetup:
     sd: StableDiffusion
     text_mode: str
     resolution: int
+    initial_params: Any  # host tree the state starts from: the base UNet, or fresh LoRA adapters
 
     def initial_state(self, seed: int) -> TrainState:
-        """A fresh state from the base UNet weights, placed on the mesh."""
-        return create_train_state(self.sd.unet.params, self.tx, seed, self.state_shardings)
+        """A fresh state from the base UNet weights (or fresh adapters), placed on the mesh."""
+        return create_train_state(self.initial_params, self.tx, seed, self.state_shardings)
 
     def inputs(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A pair-dataset batch -> this process's part of the step's batch (host arrays)."""
@@ -252,7 +275,13 @@ def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) ->
     spec = losses.get_loss(cfg.loss)
     schedule = noise_lib.schedule_from_config(sd.scheduler_config)
     tx = make_optimizer(cfg)
-    abstract = abstract_train_state(sd.unet.params, tx, int(config.seed))
+    initial = sd.unet.params
+    if int(cfg.lora.rank) > 0:
+        # Its own stream of the seed: the state's key (noise, timesteps) stays as without LoRA.
+        initial = lora.init_adapters(sd.unet.params, sd.unet.config, int(cfg.lora.rank),
+                                     lora.parse_targets(cfg.lora.targets),
+                                     jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1))
+    abstract = abstract_train_state(initial, tx, int(config.seed), ema=float(cfg.ema_decay) > 0)
     state_sh = train_state_shardings(abstract, mesh, config.mesh)
     prompt_encoder = None
     if cfg.text_encoding == "cached" or float(cfg.prompt_dropout) > 0:
@@ -261,20 +290,20 @@ def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) ->
     frozen = _frozen(config, spec, sd, state_sh.params, mesh, prompt_encoder)
     frozen_sh = frozen_shardings(frozen, state_sh.params, mesh, config.mesh)
     denoiser = make_denoiser(sd.unet.module, cfg.remat_policy if cfg.remat else "", cfg.attention,
-                             cfg.remat_scope)
+                             cfg.remat_scope, lora_scale=lora_scale(cfg))
     text_encode = text_lib.step_text_encoder(sd) if cfg.text_encoding == "in_step" else None
     train_step = make_train_step(
         denoiser=denoiser, spec=spec, schedule=schedule, beta=float(cfg.beta), tx=tx,
         lr_schedule=learning_rate_schedule(cfg), mesh=mesh, state_shardings=state_sh,
         frozen_sharding=frozen_sh, text_encode=text_encode, grad_accum_steps=int(cfg.grad_accum_steps),
-        prompt_dropout=float(cfg.prompt_dropout))
+        prompt_dropout=float(cfg.prompt_dropout), ema_decay=float(cfg.ema_decay))
     eval_step = make_eval_step(
         denoiser=denoiser, spec=spec, schedule=schedule, beta=float(cfg.beta), mesh=mesh,
         param_shardings=state_sh.params, frozen_sharding=frozen_sh, text_encode=text_encode)
     return TrainSetup(spec=spec, tx=tx, abstract_state=_with_shardings(abstract, state_sh),
                       state_shardings=state_sh, frozen=frozen, train_step=train_step, eval_step=eval_step,
                       prompt_encoder=prompt_encoder, sd=sd, text_mode=cfg.text_encoding,
-                      resolution=int(config.model.resolution))
+                      resolution=int(config.model.resolution), initial_params=initial)
 
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:

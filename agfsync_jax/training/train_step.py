@@ -7,7 +7,9 @@
 winners and losers, token ids or cached embeddings per prompt, SDXL time ids);
 `frozen` holds what the step reads but never updates: the reference UNet (same shardings as the
 policy, no optimizer state), the text encoders when prompts are encoded in the step, and the
-empty-prompt conditioning for prompt dropout. All randomness (noise, timesteps, dropout) comes
+empty-prompt conditioning for prompt dropout. Under LoRA the state's parameters are the
+adapters and `frozen.base_params` the base UNet: the policy is the base with adapters on, the
+reference the base with adapters off (no second UNet copy). All randomness (noise, timesteps, dropout) comes
 from the key in the state, so a resumed run draws exactly what an uninterrupted one would.
 
 A step whose loss or gradient is not finite leaves parameters and optimizer state untouched and
@@ -25,12 +27,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from agfsync_jax import sharding
+from agfsync_jax import lora, sharding
 from agfsync_jax.models.text_encoding import TextEmbeddings
 from agfsync_jax.training import losses, noise as noise_lib
 from agfsync_jax.models.denoiser import Conditioning, Denoiser
 from agfsync_jax.training.objective import objective
-from agfsync_jax.training.train_state import TrainState
+from agfsync_jax.training.train_state import TrainState, ema_decay_at, ema_update
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -55,11 +57,15 @@ class Frozen:
     ref_params: Any = None  # None for losses without a reference (sft)
     text_params: Any = None  # tuple of encoder params; None when embeddings are cached
     empty: Conditioning | None = None  # encoding of "" with batch 1; None without dropout
+    base_params: Any = None  # LoRA: the frozen base UNet under the adapters, also the reference
 
 
 def frozen_shardings(frozen: Frozen, param_shardings: Any, mesh: Mesh, mesh_config: Any) -> Frozen:
-    """The reference tree shares the policy's shardings; encoders get the same FSDP rules."""
+    """The reference tree shares the policy's shardings; encoders and a LoRA base get the same
+    FSDP rules."""
     return Frozen(
+        base_params=(None if frozen.base_params is None
+                     else sharding.shardings_from_config(frozen.base_params, mesh, mesh_config)),
         ref_params=None if frozen.ref_params is None else param_shardings,
         text_params=(None if frozen.text_params is None
                      else sharding.shardings_from_config(frozen.text_params, mesh, mesh_config)),
@@ -113,8 +119,10 @@ def _batch_objective(params: Any, frozen: Frozen, batch: Batch, *, denoiser: Den
     conds = _conditions(spec, frozen, batch, text_encode)
     images = {k: batch[k].astype(jnp.float32) for k in IMAGE_KEYS}
     noise = jnp.swapaxes(batch["noise"], 0, 1)
-    return objective(params, frozen.ref_params, denoiser, spec, schedule, beta, images, conds,
-                     noise, batch["timesteps"])
+    policy, ref = params, frozen.ref_params
+    if frozen.base_params is not None:  # LoRA: `params` are the adapters
+        policy, ref = lora.WithAdapters(frozen.base_params, params), frozen.base_params
+    return objective(policy, ref, denoiser, spec, schedule, beta, images, conds, noise, batch["timesteps"])
 
 
 def _microbatches(batch: Batch, num: int, mesh: Mesh) -> Batch:
@@ -133,9 +141,11 @@ def make_train_step(*, denoiser: Denoiser, spec: losses.LossSpec,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule, mesh: Mesh,
                     state_shardings: TrainState, frozen_sharding: Frozen,
                     text_encode: TextEncodeFn | None = None, grad_accum_steps: int = 1,
-                    prompt_dropout: float = 0.0) -> Callable[[TrainState, Frozen, Batch],
-                                                             tuple[TrainState, Metrics]]:
-    """The jitted step with explicit in/out shardings; argument 0 (the state) is donated."""
+                    prompt_dropout: float = 0.0, ema_decay: float = 0.0) -> Callable[[TrainState, Frozen, Batch],
+                                                                              tuple[TrainState, Metrics]]:
+    """The jitted step with explicit in/out shardings; argument 0 (the state) is donated.
+
+    With `ema_decay` > 0 the state's `ema_params` follow every applied update."""
     if grad_accum_steps < 1:
         raise ValueError(f"train.grad_accum_steps={grad_accum_steps} must be >= 1")
     loss_fn = jax.value_and_grad(
@@ -164,17 +174,22 @@ def make_train_step(*, denoiser: Denoiser, spec: losses.LossSpec,
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
+        applied = state.step - state.nonfinite_steps  # the optimizer's own update count
+
         def apply_update(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema_params
+            if ema_decay > 0:
+                ema = ema_update(ema, params, ema_decay_at(applied + 1, ema_decay))
+            return params, opt_state, ema
 
-        # A non-finite step leaves parameters and optimizer state exactly as they were.
-        params, opt_state = jax.lax.cond(
-            finite, apply_update, lambda _: (state.params, state.opt_state), None)
-        applied = state.step - state.nonfinite_steps  # the optimizer's own update count
+        # A non-finite step leaves parameters, optimizer state and EMA exactly as they were.
+        params, opt_state, ema = jax.lax.cond(
+            finite, apply_update, lambda _: (state.params, state.opt_state, state.ema_params), None)
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32), ema_params=ema)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(applied),
                        nonfinite=(~finite).astype(jnp.int32))
         return new_state, metrics

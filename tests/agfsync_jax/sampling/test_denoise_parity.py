@@ -147,18 +147,48 @@ def _ours_noisy(denoise_fn, scheduler, params, latents, cond, uncond, step_noise
     return denoise(denoise_fn, params, scheduler, latents, cond, uncond, guidance, step_noise)
 
 
-@pytest.mark.parametrize("family,scheduler,steps,guidance,eta", [
-    ("sd1", "lcm", 4, 1.0, 0.0),  # the LCM-LoRA recipe: no CFG batch
-    ("sdxl", "lcm", 4, 1.0, 0.0),
-    ("sdxl", "lcm", 5, 1.0, 0.0),  # the authors' SDXL steps
-    ("sd1", "lcm", 4, 2.0, 0.0),  # LCM with classifier-free guidance
-    ("sd1", "ddim", STEPS, GUIDANCE, 0.5),
-    ("sdxl", "ddim", STEPS, GUIDANCE, 1.0),
+def _save_random_lora(family, folder, out, seed=0):
+    """A LoRA on the UNet's attention projections with random (non-zero) weights, saved by
+    peft's and diffusers' own code (`get_peft_model_state_dict`, `save_lora_weights`): the
+    format of LCM-LoRA's `pytorch_lora_weights.safetensors`."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    cls.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("family,scheduler,steps,guidance,eta,with_lora", [
+    ("sd1", "lcm", 4, 1.0, 0.0, False),  # the LCM recipe: no CFG batch
+    ("sdxl", "lcm", 4, 1.0, 0.0, False),
+    ("sdxl", "lcm", 5, 1.0, 0.0, False),  # the authors' SDXL steps
+    ("sd1", "lcm", 4, 2.0, 0.0, False),  # LCM with classifier-free guidance
+    ("sd1", "lcm", 4, 1.0, 0.0, True),  # LCM-LoRA: a LoRA merged by sampling.lora_path vs load_lora_weights
+    ("sdxl", "lcm", 5, 1.0, 0.0, True),
+    ("sd1", "ddim", STEPS, GUIDANCE, 0.5, False),
+    ("sdxl", "ddim", STEPS, GUIDANCE, 1.0, False),
 ])
 def test_noisy_samplers_match_pytorch_pipeline_given_the_same_noise(family, scheduler, steps, guidance, eta,
-                                                                     request, monkeypatch):
+                                                                     with_lora, request, monkeypatch, tmp_path):
+    from agfsync_jax.sampling import model_setup
+
     path = request.getfixturevalue(f"tiny_{family}_path")
     sd = request.getfixturevalue(f"tiny_{family}")
+    unet_params = sd.unet.params
+    if with_lora:
+        lora_dir = _save_random_lora(family, path, tmp_path / "lora")
+        unet_params = model_setup.sampling_unet_params(sd, str(lora_dir), 1.0)
     latents, embeds, pooled, neg, neg_pooled = _inputs(sd)
     scheduler_config = {**sd.scheduler_config, **REAL_SD_SCHEDULER_FIELDS}
     sched = schedulers.make_scheduler(scheduler, scheduler_config, steps, eta=eta)
@@ -173,13 +203,15 @@ def test_noisy_samplers_match_pytorch_pipeline_given_the_same_noise(family, sche
         jax.debug.callback(lambda n: calls.append(int(n)), x.shape[0])
         return make_denoiser(sd.unet.module)(params, x, t, cond)
 
-    ours = np.asarray(_ours_noisy(counting_denoiser, sched, sd.unet.params, latents,
+    ours = np.asarray(_ours_noisy(counting_denoiser, sched, unet_params, latents,
                                   Conditioning(embeds, pooled, time_ids), uncond, step_noise, guidance))
     jax.effects_barrier()  # every debug callback has run
     # One UNet call per step; with guidance 1 it holds the conditional branch only.
     assert calls == [len(PROMPTS) * (2 if guided else 1)] * steps
 
     pipe = _pipeline(family, path, scheduler, scheduler_config)
+    if with_lora:
+        pipe.load_lora_weights(lora_dir)
     draws = _replace_pytorch_step_noise(monkeypatch, scheduler, noise)
     kwargs = dict(prompt_embeds=torch.from_numpy(embeds), latents=torch.from_numpy(latents),
                   num_inference_steps=steps, guidance_scale=guidance, height=TINY_RESOLUTION,
@@ -206,10 +238,14 @@ def test_noisy_samplers_match_pytorch_pipeline_given_the_same_noise(family, sche
     if scheduler == "lcm":
         assert diff < TOL
     # Not vacuous: other step noise gives other latents.
-    other = np.asarray(_ours_noisy(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
+    other = np.asarray(_ours_noisy(make_denoiser(sd.unet.module), sched, unet_params, latents,
                                    Conditioning(embeds, pooled, time_ids), uncond,
                                    lambda i: -step_noise(i), guidance))
     assert float(np.abs(other - ref).max()) > 100 * TOL
+    if with_lora:  # not vacuous: without the LoRA the same noise gives other latents
+        plain = np.asarray(_ours_noisy(make_denoiser(sd.unet.module), sched, sd.unet.params, latents,
+                                       Conditioning(embeds, pooled, time_ids), uncond, step_noise, guidance))
+        assert float(np.abs(plain - ref).max()) > 100 * TOL
 
 
 NEGATIVE_PROMPT = "blurry, low quality, watermark"

@@ -301,7 +301,7 @@ def test_changed_sampler_settings_are_refused(reference, tiny_sd1_path, tmp_path
 
 
 def test_lora_path_is_checked_and_never_silently_ignored(tiny_sd1_path, tmp_path):
-    from agfsync_jax.sampling import model_setup, stage
+    from agfsync_jax.sampling import stage
 
     config = _config(tiny_sd1_path, batch_size=4)
     config.sampling.lora_path = str(tmp_path / "missing.safetensors")
@@ -310,7 +310,7 @@ def test_lora_path_is_checked_and_never_silently_ignored(tiny_sd1_path, tmp_path
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.write_bytes(b"")
     config.sampling.lora_path = str(lora)
-    with pytest.raises(model_setup.LoraNotConnectedError, match="sampling.lora_path"):
+    with pytest.raises(Exception, match="pytorch_lora_weights.safetensors"):  # an unreadable LoRA is named
         stage.run(config, str(_new_workdir(tmp_path / "lora")))
     config.sampling.lora_path = ""
     config.sampling.lora_scale = 0.5

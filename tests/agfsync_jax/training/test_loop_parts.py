@@ -50,6 +50,31 @@ def test_config_errors_name_the_field():
             train.validate_config(_config(**overrides), mesh)
 
 
+def test_lora_and_optimizer_config_errors_name_the_field():
+    mesh = sharding.make_mesh(_config().mesh)
+    for overrides, field in [({"optimizer": "sgd"}, "train.optimizer"),
+                             ({"lr_schedule": "linear"}, "train.lr_schedule"),
+                             ({"ema_decay": 1.0}, "train.ema_decay")]:
+        with pytest.raises(ValueError, match=field):
+            train._validate(_config(**overrides), mesh)
+    config = _config()
+    config.train.lora.rank, config.train.lora.targets = 4, "attention,mlp"
+    with pytest.raises(ValueError, match="train.lora.targets"):
+        train._validate(config, mesh)
+    config.train.lora.rank = -1
+    with pytest.raises(ValueError, match="train.lora.rank"):
+        train._validate(config, mesh)
+
+
+def test_sdxl_lora_config_validates():
+    from configs import sdxl_lora
+
+    config = sdxl_lora.get_config()
+    assert config.train.lora.rank == 8 and config.model.param_dtype == "bfloat16"
+    train._validate(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    assert train.lora_scale(config.train) == 1.0
+
+
 def test_nonfinite_stop_mode_raises_and_skip_mode_does_not():
     class NoCheckpoints:
         def latest_step(self):

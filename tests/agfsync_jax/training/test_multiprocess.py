@@ -1,5 +1,6 @@
 """Two local processes x 2 CPU devices under jax.distributed (gloo) train exactly like one process
-with 4 devices fed the same global batches, and write one shared checkpoint that restores."""
+with 4 devices fed the same global batches, and write one shared checkpoint that restores; for
+full training and for LoRA adapters."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ pytestmark = pytest.mark.slow  # subprocesses and compilation: minutes on 2 CPU 
 STEPS = 3
 
 
-def _config_code(model_path: Path) -> str:
+VARIANTS = {"full": "", "lora": "config.train.lora.rank = 4\n"}
+
+
+def _config_code(model_path: Path, variant: str = "full") -> str:
     return textwrap.dedent(f"""
         from configs import tiny
         config = tiny.get_config()
@@ -34,7 +38,7 @@ def _config_code(model_path: Path) -> str:
         # level would flip whole updates between two reduction orders. A larger eps keeps the
         # comparison about the processes, not about the sign of noise.
         config.train.adam_eps = 1e-3
-    """)
+    """) + VARIANTS[variant]
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -56,8 +60,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path, run_python, micro_sd1_path,
-                                                                pair_writer):
+                                                                pair_writer, variant):
     pairs = pair_writer(tmp_path / "pairs", 8, shards=2)
     distributed, single = tmp_path / "distributed", tmp_path / "single"
     for wd in (distributed, single):
@@ -66,7 +71,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path, run_py
 
     # Two processes through the stage entry point, which joins the group from the environment.
     port = _free_port()
-    code = _config_code(micro_sd1_path) + textwrap.dedent(f"""
+    code = _config_code(micro_sd1_path, variant) + textwrap.dedent(f"""
         import jax
         from agfsync_jax.training import stage
         stage.run(config, {str(distributed)!r})
@@ -93,7 +98,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path, run_py
     assert "process 0 of 2 devices 4" in outputs[0] and "process 1 of 2 devices 4" in outputs[1]
 
     # One process, 4 devices, fed the same global batches: both processes' slices, in order.
-    reference = _config_code(micro_sd1_path) + textwrap.dedent(f"""
+    reference = _config_code(micro_sd1_path, variant) + textwrap.dedent(f"""
         import jax, numpy as np
         from agfsync_jax import sharding
         from agfsync_jax.models.loading import load_stable_diffusion

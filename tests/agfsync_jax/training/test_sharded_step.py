@@ -81,3 +81,61 @@ def test_fsdp_step_on_8_devices_equals_single_device(run_python, micro_sd1_path)
     proc = run_python(code, devices=8)
     print(proc.stdout)
     assert "adam state" in proc.stdout
+
+
+def test_lora_fsdp_step_on_8_devices_equals_single_device(run_python, micro_sd1_path):
+    """The frozen base keeps the FSDP layout of full training; adapters follow the same rules."""
+    code = textwrap.dedent(f"""
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)  # as above: only a sharding bug could differ
+        from configs import tiny
+        from agfsync_jax import sharding
+        from agfsync_jax.models.dtype_policy import DtypePolicy
+        from agfsync_jax.models.loading import load_stable_diffusion
+        from agfsync_jax.training.train import build_training
+
+        sd = load_stable_diffusion({str(micro_sd1_path)!r}, DtypePolicy(jnp.float64, jnp.float64),
+                                   components=("unet", "text_encoders"))
+        rng = np.random.default_rng(0)
+        B = 16
+        raw = {{"winner_latent": rng.standard_normal((B, 4, 16, 16)).astype(np.float32),
+               "loser_latent": rng.standard_normal((B, 4, 16, 16)).astype(np.float32),
+               "prompt": np.array([f"a red cat {{i}}" for i in range(B)], object),
+               "prompt_2": np.array([""] * B, object), "prompt_id": np.arange(B).astype(str).astype(object),
+               "is_cross": np.zeros(B, bool)}}
+
+        def two_steps(fsdp, accum, devices):
+            c = tiny.get_config()
+            c.train.batch_size, c.train.text_encoding, c.train.grad_accum_steps = B, "cached", accum
+            c.mesh.fsdp, c.mesh.min_shard_size = fsdp, 128
+            c.train.lora.rank, c.train.lora.targets = 8, "attention,resnet_convs"
+            mesh = sharding.make_mesh(c.mesh, devices)
+            setup = build_training(c, sd, mesh)
+            state = setup.initial_state(seed=0)
+            batch = sharding.place_batch(setup.inputs(raw), mesh)
+            state, _ = setup.train_step(state, setup.frozen, batch)
+            state, metrics = setup.train_step(state, setup.frozen, batch)
+            return setup, state, jax.device_get(metrics)
+
+        _, single, m1 = two_steps(1, 1, jax.devices()[:1])
+        setup, sharded, m8 = two_steps(8, 2, jax.devices())
+        base = jax.tree_util.tree_leaves_with_path(setup.frozen.base_params)
+        path, big = max(base, key=lambda kv: kv[1].size)
+        print("largest base kernel", jax.tree_util.keystr(path), sharding.describe(big))
+        assert big.addressable_shards[0].data.size == big.size // 8
+        specs = [(x.shape, x.sharding.spec) for x in jax.tree_util.tree_leaves(sharded.params)]
+        assert all(spec == sharding.fsdp_spec(shape, 8, 128) for shape, spec in specs)
+        n_sharded = sum(spec != jax.sharding.PartitionSpec() for _, spec in specs)
+        print("adapters sharded", n_sharded, "of", len(specs), "; losses", m1["loss"], m8["loss"])
+        assert n_sharded > 0
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+        assert abs(float(m1["loss"]) - np.log(2)) > 1e-4
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(single.params)),
+                                                                 jax.tree_util.tree_leaves(jax.device_get(sharded.params))))
+        print("max |adapters 8 dev - 1 dev|", diff)
+        assert diff < 1e-5
+    """)
+    proc = run_python(code, devices=8)
+    print(proc.stdout)
+    assert "adapters sharded" in proc.stdout
