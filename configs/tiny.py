@@ -44,6 +44,11 @@ def get_config():
     c.train.warmup_steps = 0
     c.train.log_every = 5
     c.train.checkpoint_every = 20
+    # Validation curve in TensorBoard (val/*): a tenth of the prompts' pairs held out, never
+    # trained on, scored every 10 steps, and a grid of samples on two fixed prompts.
+    c.train.val_fraction = 0.1
+    c.train.eval_every = 10
+    c.train.val_prompts = ("a red cat sitting on a wooden table", "a small house near the river")
 
     c.eval.num_prompts = 96
     # Scored in the eval only, not weighted: the tiny HPS v2 and VILA models, so the report has

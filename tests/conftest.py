@@ -1,11 +1,25 @@
-"""Session-wide fixtures: tiny SD pipelines built once and saved as real diffusers folders."""
+"""Session-wide fixtures: tiny SD pipelines built once and saved as real diffusers folders, a
+subprocess runner, and a local OpenAI-compatible vision endpoint that judges by rule (it decodes
+the two data-URL PNGs of each request and answers from their mean brightness; markers in the
+prompt text select other behaviour, see `rule_judge`)."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import http.server
+import io
+import json
 import os
+import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # Tests are CPU-only and must not grab every core's worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -79,3 +93,164 @@ def run_python():
             pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         return proc
     return run
+
+
+# --- a rule-judging OpenAI-compatible vision endpoint -------------------------------------------
+
+MAX_REQUESTS = 400  # a retry loop gone wrong fails the test instead of hammering forever
+LIFETIME_S = 120.0  # the server shuts itself down after this long even if a test forgets to
+
+
+class ServerState:
+    def __init__(self, respond: Callable[[dict[str, Any], "ServerState"], dict[str, Any]],
+                 max_requests: int = MAX_REQUESTS):
+        self.respond = respond
+        self.max_requests = max_requests
+        self.lock = threading.Lock()
+        self.bodies: list[dict[str, Any]] = []
+        self.authorization: list[str | None] = []
+        self.overflow = 0
+        self.extra: dict[str, Any] = {}  # per-test knobs read by the responder
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.bodies)
+
+
+def _handler(state: ServerState) -> type[http.server.BaseHTTPRequestHandler]:
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                if len(state.bodies) >= state.max_requests:
+                    state.overflow += 1
+                    reply = {"status": 503, "raw": "request budget of the test server exhausted"}
+                else:
+                    state.bodies.append(body)
+                    state.authorization.append(self.headers.get("Authorization"))
+                    reply = None
+            if self.path != "/v1/chat/completions":
+                reply = {"status": 404, "raw": f"unknown path {self.path}"}
+            if reply is None:
+                reply = state.respond(body, state)
+            raw = reply.get("raw")
+            if raw is None:
+                raw = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": reply["content"]},
+                     "finish_reason": "stop"}]})
+            data = raw.encode("utf-8")
+            self.send_response(reply.get("status", 200))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+def _judge_servers(max_requests: int = MAX_REQUESTS, lifetime_s: float = LIFETIME_S):
+    """start(respond=rule_judge) -> (base_url, state): threaded HTTP servers on 127.0.0.1,
+    random ports; shut down (and checked) when the generator resumes."""
+    servers = []
+
+    def start(respond=None) -> tuple[str, ServerState]:
+        respond = respond or rule_judge
+        state = ServerState(respond, max_requests)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        timer = threading.Timer(lifetime_s, server.shutdown)
+        timer.daemon = True
+        timer.start()
+        servers.append((server, state, timer))
+        return f"http://127.0.0.1:{server.server_address[1]}/v1", state
+
+    yield start
+    for server, state, timer in servers:
+        timer.cancel()
+        server.shutdown()
+        server.server_close()
+        assert state.overflow == 0, "the client sent more requests than the test allows"
+
+
+@pytest.fixture
+def judge_server():
+    """start(respond=rule_judge) -> (base_url, state), for one test."""
+    yield from _judge_servers()
+
+
+@pytest.fixture(scope="module")
+def long_judge_server():
+    """The same server for a whole module (a pipeline run asks it hundreds of questions)."""
+    yield from _judge_servers(max_requests=2000, lifetime_s=3600.0)
+
+
+# --- what the rule judge reads from a request ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Asked:
+    prompt: str
+    question: str
+    brightness: tuple[float, float]  # mean pixel value of Image 1 and Image 2
+
+
+def _decode(url: str) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix), url[:40]
+    data = base64.b64decode(url[len(prefix):], validate=True)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"), np.float64)
+
+
+def parse_request(body: dict[str, Any]) -> Asked:
+    """Reads the judge's message the way a VLM sees it: texts and images in order."""
+    (message,) = body["messages"]
+    assert message["role"] == "user"
+    parts = message["content"]
+    texts = [p["text"] for p in parts if p["type"] == "text"]
+    urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+    assert [p["type"] for p in parts] == ["text", "text", "image_url", "text", "image_url", "text"]
+    assert texts[1:3] == ["Image 1:", "Image 2:"]
+    prompt = re.fullmatch(r'Two images were generated from the text description: "(.*)"', texts[0])
+    assert prompt, texts[0]
+    return Asked(prompt=prompt.group(1), question=texts[3].split("\n")[0],
+                 brightness=(_decode(urls[0]).mean(), _decode(urls[1]).mean()))
+
+
+def rule_judge(body: dict[str, Any], state: ServerState) -> dict[str, Any]:
+    """Q1 and Q3 prefer the brighter image, Q2 the darker one, whatever the position, except:
+
+    "[biased]" in the prompt: always "1" (pure position bias);
+    "[malformed]": "Image 1" (not the asked format) whenever Image 1 is the brighter one;
+    "[ratelimit]": the first request for the prompt gets 429, later ones the rule;
+    "[down]": 503 while state.extra["down"] is true.
+    After state.extra["unauthorized_after"] answers, every request gets 401.
+    """
+    asked = parse_request(body)
+    with state.lock:
+        answered = state.extra.get("answered", 0)
+        limit = state.extra.get("unauthorized_after")
+        if limit is not None and answered >= limit:
+            return {"status": 401, "raw": '{"error": "invalid api key"}'}
+        if "[ratelimit]" in asked.prompt and not state.extra.get("ratelimited"):
+            state.extra["ratelimited"] = True
+            return {"status": 429, "raw": '{"error": "slow down"}'}
+        if "[down]" in asked.prompt and state.extra.get("down"):
+            return {"status": 503, "raw": '{"error": "overloaded"}'}
+        state.extra["answered"] = answered + 1
+    first_brighter = asked.brightness[0] > asked.brightness[1]
+    if "[biased]" in asked.prompt:
+        return {"content": "1"}
+    if "[malformed]" in asked.prompt and first_brighter:
+        return {"content": "Image 1"}
+    prefers_darker = asked.question == "Which image better fits the text description?"
+    pick_first = first_brighter != prefers_darker
+    return {"content": " 1\n" if pick_first else "2"}

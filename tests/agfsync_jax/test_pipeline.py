@@ -41,10 +41,33 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 1500) -> subproce
 pytestmark = pytest.mark.slow
 
 
+# The demo with a VLM judge: the rule-judging local server of tests/conftest.py.
+JUDGE_MODEL = "judge-vlm"
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def demo(tmp_path_factory, long_judge_server) -> tuple[Path, subprocess.CompletedProcess]:
     workdir = tmp_path_factory.mktemp("demo") / "workdir"
-    return workdir, _cli("pipeline", f"--config={CONFIG}", f"--workdir={workdir}")
+    url, _ = long_judge_server()
+    return workdir, _cli("pipeline", f"--config={CONFIG}", f"--workdir={workdir}", *_judge_flags(url))
+
+
+def _judge_flags(url: str) -> list[str]:
+    return [f"--config.eval.judge.base_url={url}", f"--config.eval.judge.model={JUDGE_MODEL}",
+            "--config.eval.judge.api_key_env="]
+
+
+def _tensorboard_tags(logdir: Path) -> dict[str, list[int]]:
+    """{scalar tag: steps} of the event files under `logdir`."""
+    from agfsync_jax.tf_cpu import tensorflow_cpu_only
+
+    tf = tensorflow_cpu_only()
+    tags: dict[str, list[int]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(int(event.step))
+    return tags
 
 
 def _eval_dir(workdir: Path) -> Path:
@@ -72,6 +95,17 @@ def test_demo_writes_report_with_win_rates_and_grids(demo):
     assert (report.parent / "win_rates.png").is_file()
     # TIFA-style VQA accuracy per element type, base and finetuned, from the scorer's answers.
     assert "## VQA accuracy by element type (TIFA-style)" in text and "| element type | questions |" in text
+    # The paper's tables: Table 1 (per category, with the tiny HPS v2 model), Table 2 (the judge), Table 3.
+    assert "### Table 1 format: win rates by category" in text and "| category | CLIP | Aes. | HPS v2 |" in text
+    assert "### Table 3 format: mean scores" in text
+    assert "## VLM judge: finetuned vs base (the paper's Table 2)" in text and '"Which image do you prefer?"' in text
+    judge = json.loads((_eval_dir(workdir) / "judge" / "summary.json").read_text())
+    assert judge["model"] == JUDGE_MODEL and set(judge["questions"]) == {"q1", "q2", "q3"}
+    # Every prompt was judged on every question (the rule server always answers in format).
+    assert all(q["judged"] == 96 for q in judge["questions"].values())
+    # The validation curve: held-out pairs scored every 10 steps, in TensorBoard.
+    tags = _tensorboard_tags(workdir / "train" / "tensorboard")
+    assert {"val/loss", "val/implicit_acc"} <= set(tags) and len(tags["val/loss"]) == 4
     metrics = json.loads((_eval_dir(workdir) / "metrics.json").read_text())
     accuracy = metrics["vqa_accuracy_by_element_type"]
     assert set(accuracy) == {"base", "finetuned"}
