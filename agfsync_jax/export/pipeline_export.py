@@ -9,6 +9,9 @@ Why not diffusers' `load_flax_weights_in_pytorch_model`: it maps Flax names back
 `add_embedding.linear_1` into `add_embedding.linear.1`; it then only *warns* that those weights
 are unused and leaves them randomly initialised. We instead invert the forward PyTorch->Flax
 rules (the ones loading uses) key by key, and any parameter not matched exactly once is an error.
+
+A gs:// output folder is written to a local temp directory (the system's) and uploaded; the
+caller commits it (the export stage's done marker, written after it).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import json
 import shutil
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from agfsync_jax import storage
 from agfsync_jax.models.weight_conversion import ParameterMismatchError
+from agfsync_jax.storage import Path, PathLike
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -79,12 +83,20 @@ def _pytorch_class_names(index: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Path) -> Path:
-    """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically)."""
+def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path:
+    """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically when
+    local; uploaded file by file to gs://). `base_folder` is a local folder."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
+    if storage.is_remote(out_dir):
+        remote = storage.as_path(out_dir)
+        if remote.exists():
+            raise FileExistsError(f"{remote} exists; remove it or export elsewhere")
+        with tempfile.TemporaryDirectory(prefix="agfsync-export-") as tmp:
+            storage.copy_tree(export_pipeline(base_folder, unet_params, Path(tmp) / remote.name), remote)
+        return remote
     base_folder, out_dir = Path(base_folder), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or export elsewhere")
@@ -118,14 +130,12 @@ def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Pa
     return out_dir
 
 
-def export_flax_msgpack(base_folder: str | Path, unet_params: Any, out_dir: str | Path) -> Path:
+def export_flax_msgpack(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path:
     """The UNet alone in diffusers' Flax format (`FlaxUNet2DConditionModel.from_pretrained`)."""
     from flax.serialization import to_bytes
 
-    from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json
-
-    out_dir = Path(out_dir)
-    config = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
-    atomic_write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
-    atomic_write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
+    out_dir = storage.as_path(out_dir)
+    config = storage.read_json(storage.as_path(base_folder) / "unet" / "config.json")
+    storage.write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
+    storage.write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
     return out_dir

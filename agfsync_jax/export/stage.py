@@ -9,29 +9,28 @@ skipped while its inputs (the training run, the base model, `export.*`) are unch
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import base_model, done_marker, fingerprint, workdir as workdir_lib
+from agfsync_jax import base_model, done_marker, fingerprint, storage, workdir as workdir_lib
 from agfsync_jax.errors import MissingInputError
+from agfsync_jax.storage import PathLike
 
 PIPELINE_DIR = "pipeline"
 # export.* fields that do not change what is exported: none today.
 IGNORED: tuple[str, ...] = ()
 
 
-def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
-    train_marker = done_marker.read(Path(workdir) / workdir_lib.TRAIN)
+def settings(config: Any, workdir: PathLike) -> dict[str, Any]:
+    train_marker = done_marker.read(storage.as_path(workdir) / workdir_lib.TRAIN)
     if train_marker is None:
-        raise MissingInputError(f"{Path(workdir) / workdir_lib.TRAIN}: training has not finished; run the "
+        raise MissingInputError(f"{storage.as_path(workdir) / workdir_lib.TRAIN}: training has not finished; run the "
                                 "`train` stage first")
     return {**fingerprint.config_settings(config, ("export",), IGNORED), **base_model.model_identity(config),
             "inputs.train": train_marker.get(done_marker.FINGERPRINT, train_marker.get("step"))}
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     out = wd / workdir_lib.EXPORT
     current = settings(config, wd)
     summary = done_marker.check("export", out, current, wd)
@@ -51,9 +50,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     summary = {"step": step, "base": str(base), "pipeline": str(pipeline_dir)}
     if jax.process_index() == 0:
         if pipeline_dir.exists():
-            # A previous attempt died after the rename but before the marker: the folder is
-            # whole (it appears atomically) but may be of another step, so rewrite it.
-            shutil.rmtree(pipeline_dir)
+            # A previous attempt died after the rename (or, on gs://, during the upload) but
+            # before the marker: the folder may be of another step, or partial, so rewrite it.
+            storage.rmtree(pipeline_dir)
         export_pipeline(base, params, pipeline_dir)
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))

@@ -14,20 +14,21 @@ process yields the same number of batches. The position is (epoch, batches consu
 epoch); since the order is a pure function of the seed, restoring is exact and costs nothing.
 
 Records are read by byte offset: a header-only scan of each file in the slice finds the offsets
-(and a truncated file), and TensorFlow's random-access record reader checks the CRCs of every
-record it returns. Any damage raises `PairDataError` naming the file.
+(and a truncated file), and the record reader (`agfsync_jax.storage.tfrecord`, local or gs://)
+checks both CRCs of every record it returns. Any damage raises `PairDataError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agfsync_jax.pairs.records import (PairDataError, decode_latent, decode_pair_example, scan_record_offsets)
+from agfsync_jax import storage
 from agfsync_jax.schemas import PAIR_CROSS
+from agfsync_jax.storage import Path, PathLike, tfrecord
 from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
 # String fields of a batch (numpy object arrays; tokenization happens elsewhere).
@@ -51,7 +52,7 @@ def _split_files(data_dir: Path, split: str) -> list[tuple[Path, int]]:
 class PairDataset:
     """An endless iterator of per-process numpy batches of preference pairs (see module doc)."""
 
-    def __init__(self, data_dir: str | Path, global_batch_size: int, seed: int, *, split: str = "train",
+    def __init__(self, data_dir: PathLike, global_batch_size: int, seed: int, *, split: str = "train",
                  process_index: int | None = None, process_count: int | None = None):
         if process_index is None or process_count is None:
             import jax
@@ -63,7 +64,7 @@ class PairDataset:
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of "
                              f"the process count {process_count}")
-        self.data_dir, self.split, self.seed = Path(data_dir), split, int(seed)
+        self.data_dir, self.split, self.seed = storage.as_path(data_dir), split, int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // process_count
@@ -131,15 +132,12 @@ class PairDataset:
     def _read(self, local_index: int) -> tuple[dict[str, Any], str]:
         path, offset, index_in_file = self._records[local_index]
         where = f"{path} record {index_in_file} (byte {offset})"
-        tf = tensorflow_cpu_only()
-        from tensorflow.python.lib.io import tf_record  # the public API has no random access
-
         reader = self._readers.get(path)
         if reader is None:
-            reader = self._readers[path] = tf_record.tf_record_random_reader(str(path))
+            reader = self._readers[path] = tfrecord.RecordReader(path)
         try:
-            serialized, _ = reader.read(offset)
-        except (tf.errors.OpError, IndexError) as e:
+            serialized = reader.read(offset)
+        except (tfrecord.RecordFileError, OSError) as e:
             raise PairDataError(f"{where}: unreadable ({e})") from e
         return decode_pair_example(serialized, where), where
 

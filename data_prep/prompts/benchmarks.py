@@ -19,10 +19,11 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
+from agfsync_jax import storage
 from agfsync_jax.schemas import PromptRecord, Question, SchemaError
+from agfsync_jax.storage import Path
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -90,7 +91,7 @@ def _tifa_category(tifa_id: str) -> str:
 
 
 def load_tifa_questions(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     captions: dict[str, str] = {}
     questions: dict[str, list[Question]] = {}
     for line, item in iter_json_array(path):
@@ -109,7 +110,7 @@ def load_tifa_questions(path: str | Path) -> list[PromptRecord]:
 
 
 def load_tifa_text(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     records, seen = [], set()
     for line, item in iter_json_array(path):
         where = f"{path}:{line}"
@@ -156,7 +157,7 @@ def _read_table(path: Path, delimiter: str, header: list[str], quoting: int, nam
 
 
 def load_drawbench(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     rows = _read_table(path, ",", ["Prompts", "Category"], csv.QUOTE_MINIMAL, "DrawBench CSV",
                        required=(0, 1))
     return [PromptRecord(id=f"drawbench-{i:04d}", category=row[1].strip(),
@@ -165,7 +166,7 @@ def load_drawbench(path: str | Path) -> list[PromptRecord]:
 
 
 def load_partiprompts(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     # PartiPrompts quotes nothing: a '"' inside a prompt is literal text.
     rows = _read_table(path, "\t", ["Prompt", "Category", "Challenge", "Note"], csv.QUOTE_NONE,
                        "PartiPrompts TSV", required=(0, 1, 2))
@@ -186,7 +187,7 @@ def _hpsv2_file(path: Path) -> list[PromptRecord]:
 
 
 def load_hpsv2(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
@@ -196,7 +197,7 @@ def load_hpsv2(path: str | Path) -> list[PromptRecord]:
 
 
 def load_text(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     records = []
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -228,7 +229,7 @@ def load_benchmark(format_name: str, path: str | Path) -> list[PromptRecord]:
     """Records of a benchmark file in `format_name` (one of LOADERS)."""
     if format_name not in LOADERS:
         raise ValueError(f"benchmark format {format_name!r} is not one of {sorted(LOADERS)}")
-    if not Path(path).exists():
+    if not storage.as_path(path).exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     records = LOADERS[format_name](path)
     if not records:

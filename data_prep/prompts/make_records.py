@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 from tqdm import tqdm
 
+from agfsync_jax import storage
 from agfsync_jax.schemas import CATEGORIES, KIND_INSTRUCTION_PAIR, PromptRecord, Question
 from data_prep.prompts import (benchmarks, instruct_engine, offline_generator, prompt_generation,
                                question_generation)
@@ -62,8 +62,8 @@ def _needs_llm(p: ml_collections.ConfigDict) -> bool:
             or (p.instruction_pairs > 0 and pair_source == "llm"))
 
 
-def llm_cache_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    return Path(config.prompts.llm.cache_dir or Path(workdir) / "prompts" / "llm_cache")
+def llm_cache_dir(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> storage.Path:
+    return storage.as_path(config.prompts.llm.cache_dir or storage.as_path(workdir) / "prompts" / "llm_cache")
 
 
 def question_settings(p: ml_collections.ConfigDict) -> question_generation.QuestionSettings:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from agfsync_jax import storage
+from agfsync_jax.storage import Path, PathLike
 
 IMAGE_SIZE = 24  # smaller than the tiny SD images (32 px), so the processors really resize
 PATCH_SIZE = 8
@@ -45,18 +46,9 @@ def _corpus() -> list[str]:
 
 
 def _atomic_dir(out: Path, build: Callable[[Path], None]) -> Path:
-    """Runs build(tmp) and renames tmp to `out`: the folder appears whole or not at all."""
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        build(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """Runs build(tmp) and publishes tmp as `out`: the folder appears whole or not at all
+    (`storage.build_folder`: renamed locally, uploaded and committed on gs://)."""
+    return storage.build_folder(out, build)
 
 
 def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
@@ -87,7 +79,7 @@ def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = N
                                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 def opt_tokenizer():
@@ -168,14 +160,14 @@ def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path
         Blip2ForConditionalGeneration(config).save_pretrained(tmp)
         processor.save_pretrained(tmp)
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 # The tiny aesthetic head's last layer: scaled, then shifted to the middle of AVA's 1-10 ratings.
 _AESTHETIC_HEAD_SCALE, _AESTHETIC_HEAD_SHIFT = 0.9, 5.5
 
 
-def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: int = 0) -> Path:
+def save_tiny_aesthetic_head(out: PathLike, embed_dim: int = EMBED_DIM, seed: int = 0) -> Path:
     """A .pth state dict in the LAION aesthetic predictor's layout (layers.0/2/4/6/7), tiny widths.
 
     A random head rates everything near 0, off the 1-10 AVA scale that aesthetic.py maps onto
@@ -196,7 +188,7 @@ def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: 
         layers[-1].weight.mul_(_AESTHETIC_HEAD_SCALE)
         layers[-1].bias.mul_(_AESTHETIC_HEAD_SCALE).add_(_AESTHETIC_HEAD_SHIFT)
     state = {f"layers.{k}": v for k, v in layers.state_dict().items()}
-    out = Path(out)
+    out = storage.as_path(out)
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(out, buf.getvalue())
@@ -213,9 +205,9 @@ def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path]:
     }
 
 
-def save_tiny_scorers(out_dir: str | Path, seed: int = 0, language_model: str = "t5") -> dict[str, Path]:
+def save_tiny_scorers(out_dir: PathLike, seed: int = 0, language_model: str = "t5") -> dict[str, Path]:
     """Every tiny scorer model under `out_dir`; returns the scoring config field -> path."""
-    paths = _tiny_layout(Path(out_dir), language_model)
+    paths = _tiny_layout(storage.as_path(out_dir), language_model)
     save_tiny_clip(paths["clip_path"], seed=seed)
     save_tiny_clip(paths["aesthetic_clip_path"], seed=seed + 1)
     save_tiny_aesthetic_head(paths["aesthetic_head_path"], seed=seed + 2)
@@ -228,17 +220,21 @@ def save_tiny_scorers(out_dir: str | Path, seed: int = 0, language_model: str = 
 def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> Any:
     """A copy of the scoring config; with scoring.tiny set, its model paths point at tiny random
     scorers built (once, deterministically) under `scoring.tiny_models_dir` (default
-    WORKDIR/scores/tiny_models; the eval stage points it at the training run's)."""
+    WORKDIR/scores/tiny_models; the eval stage points it at the training run's). Scorer paths
+    on gs:// are replaced by their local copies (`storage.local_copy`): the loaders read local files."""
     from agfsync_jax import workdir as workdir_lib
 
     resolved = scoring.copy_and_resolve_references()
     if not scoring.tiny:
+        for field in TINY_FIELDS:
+            if storage.is_remote(getattr(scoring, field)):
+                setattr(resolved, field, str(storage.local_copy(getattr(scoring, field))))
         return resolved
     already = [f for f in TINY_FIELDS if getattr(scoring, f)]
     if already:
         raise ValueError(f"set either scoring.tiny or the scorer paths, not both (set: {already})")
-    root = Path(scoring.tiny_models_dir) if scoring.tiny_models_dir else Path(workdir) / workdir_lib.SCORES / _TINY_DIR
-    if not root.is_dir():
+    root = storage.as_path(scoring.tiny_models_dir or storage.as_path(workdir) / workdir_lib.SCORES / _TINY_DIR)
+    if not storage.is_complete(root):
         def build(tmp: Path) -> None:
             save_tiny_scorers(tmp, seed=seed)
 
@@ -246,7 +242,7 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     for field, path in _tiny_layout(root).items():
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing from the tiny scorer models; delete {root} to rebuild")
-        setattr(resolved, field, str(path))
+        setattr(resolved, field, str(storage.local_copy(path)))
     return resolved
 
 

@@ -19,7 +19,7 @@ from agfsync_jax.schemas import PAIR_AGFSYNC, PAIR_CROSS, PromptRecord, ScoreRow
 SHARD_SIZES = (5, 0, 7)  # an empty shard on purpose: a stage shard may yield no pair
 NUM_PAIRS = sum(SHARD_SIZES)
 LATENT_SHAPE = (4, 8, 8)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _pair(i: int):
