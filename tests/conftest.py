@@ -82,7 +82,8 @@ def run_python():
 
 
 class GcsEmulator:
-    """A GCS emulator (gcp-storage-emulator, in memory) on 127.0.0.1, with one bucket."""
+    """A GCS emulator (gcp-storage-emulator, in memory: tests/gcs_emulator_server.py) on 127.0.0.1,
+    with one bucket."""
 
     def __init__(self, host: str, bucket: str):
         self.host, self.bucket = host, bucket
@@ -123,8 +124,8 @@ def gcs_emulator(tmp_path_factory):
     host, bucket = f"http://127.0.0.1:{port}", "agfsync-test-bucket"
     log = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                                 f"--port={port}", "--in-memory", f"--default-bucket={bucket}", "--quiet"],
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator_server.py"),
+                                 "--host=127.0.0.1", f"--port={port}", f"--bucket={bucket}"],
                                 stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while True:

@@ -21,7 +21,7 @@ libraries read, points every client at an emulator:
   each bucket's layout.
 - tensorstore (orbax's array store) reads `TENSORSTORE_GCS_HTTP_URL`, set here to the emulator,
   and `GOOGLE_AUTH_TOKEN_FOR_TESTING`, set to a placeholder bearer token so that it does not look
-  for credentials. A value the user set is kept.
+  for credentials. A (non-empty) value the user set is kept.
 - TFDS and orbax's directory operations go through epath, hence gcsfs.
 
 Anonymous access is configured only while `STORAGE_EMULATOR_HOST` is set; without it every
@@ -52,7 +52,7 @@ def configure() -> None:
     with _lock:
         if _configured:
             return
-        os.environ.setdefault("EPATH_USE_TF", "false")
+        _set_default("EPATH_USE_TF", "false")
         _forget_epath_backend_choice()
         import fsspec
 
@@ -65,14 +65,20 @@ def configure() -> None:
             options["endpoint_url"] = host
             for protocol in ("gs", "gcs"):
                 fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
-            os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
-            os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+            _set_default("TENSORSTORE_GCS_HTTP_URL", host)
+            _set_default("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
         for protocol in ("gs", "gcs"):
             fsspec.config.conf.setdefault(protocol, {}).update(options)
         if host and _epath_uses_tensorflow():
             raise RuntimeError(f"{EMULATOR_ENV} is set but etils.epath serves gs:// with tf.io.gfile, which "
                                "cannot reach an emulator; unset EPATH_USE_TF (or set it to false)")
         _configured = True
+
+
+def _set_default(name: str, value: str) -> None:
+    """Sets an environment variable unless the user gave it a (non-empty) value."""
+    if not os.environ.get(name):
+        os.environ[name] = value
 
 
 def _forget_epath_backend_choice() -> None:

@@ -9,9 +9,9 @@ An object store cannot rename a folder, so there the folder is built in the syst
 directory, uploaded file by file, and `COMMIT` is written last: `is_complete` checks for it.
 
 Model loaders (diffusers, transformers, safetensors) read local files only. `local_copy` gives
-them a remote folder as a local one: downloaded once into the cache (`cache_root()`), under a
-key made from every file's name, size and checksums as the object store lists them, so a
-changed object is a new copy and an unchanged folder is never downloaded twice.
+them a remote folder (or file) as a local one: downloaded once into the cache (`cache_root()`),
+under a key made from every file's name, size and checksums as the object store lists them, so
+a changed object is a new copy and an unchanged folder is never downloaded twice.
 """
 
 from __future__ import annotations
@@ -93,10 +93,13 @@ def remote_listing_key(folder: PathLike) -> str:
 
 
 def local_copy(folder: PathLike) -> epath.Path:
-    """`folder` itself when local; a remote folder's local copy in the cache (downloaded once)."""
+    """`folder` itself when local; a remote folder's (or file's) local copy in the cache,
+    downloaded once."""
     src = as_path(folder)
     if not is_remote(src):
         return src
+    if src.is_file():
+        return _local_file_copy(src)
     root = cache_root() / "folders"
     final = root / f"{remote_listing_key(src)}-{src.name}"
     if final.is_dir():
@@ -114,4 +117,25 @@ def local_copy(folder: PathLike) -> epath.Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _local_file_copy(src: epath.Path) -> epath.Path:
+    fs, key = filesystem(src)
+    info = fs.info(key)
+    digest = hashlib.sha256(json.dumps([int(info.get("size", 0)), str(info.get("crc32c", "")),
+                                        str(info.get("md5Hash", info.get("ETag", "")))]).encode()).hexdigest()[:24]
+    root = cache_root() / "files"
+    final = root / f"{digest}-{src.name}"
+    if final.is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(root), prefix=f".{final.name}.")
+    os.close(fd)
+    try:
+        fs.get_file(key, tmp)
+        os.replace(tmp, os.fspath(final))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return final
