@@ -36,7 +36,8 @@ EXTRAS = {
     # The PyTorch side: scoring, tiny-model building, export to diffusers' PyTorch format,
     # and loading `.bin` checkpoints. Install torch first (see module docstring).
     "torch": ["torch>=2.4"],
-    "scoring": ["torch>=2.4", "torchmetrics>=1.4"],
+    # open-clip-torch (with torchvision): the HPS v2 scorer. VILA runs on tensorflow-cpu (above).
+    "scoring": ["torch>=2.4", "torchmetrics>=1.4", "open-clip-torch>=3.0", "torchvision"],
     "dev": ["pytest>=8", "torchmetrics>=1.4"],
 }
 

@@ -2,9 +2,10 @@
 
     paper          S = 0.35 VQA + 0.55 CLIP + 0.10 aesthetic   (AGFSync Eq. 9)
     released_code  S = 0.85 CLIP + 0.15 aesthetic              (the authors' code; no VQA)
-    custom         scoring.weights, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,pickscore=0.1"
+    custom         scoring.weights, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,hps=0.1"
 
-Every score is on 0-100, so the total is too when the weights sum to 1 (they need not).
+Every score is on 0-100 (HPS v2 as 100 x its cosine, like the CLIP score; VILA as 100 x its 0-1
+prediction), so the total is too when the weights sum to 1 (they need not).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     python -m benchmarks.scoring                      # the tiny random scorers the demo uses
     python -m benchmarks.scoring --vqa_path=/models/blip2-flan-t5-xxl \
         --clip_path=/models/clip-vit-base-patch16 --aesthetic_clip_path=/models/clip-vit-large-patch14 \
-        --aesthetic_head_path=/models/sac+logos+ava1-l14-linearMSE.pth --device=cuda
+        --aesthetic_head_path=/models/sac+logos+ava1-l14-linearMSE.pth --device=cuda \
+        --hps_path=/models/HPS_v2.1_compressed.pt --vila_path=/models/vila
 
 Every scorer gets the same batch of random RGB images (`--resolution` px), prompts and
 `--questions` yes-questions per image; model loading is excluded, one untimed warm-up batch runs
@@ -20,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+
+PATH_FIELDS = ("vqa_path", "clip_path", "aesthetic_clip_path", "aesthetic_head_path", "pickscore_path",
+               "hps_path", "vila_path")
 
 
 def _items(n: int, resolution: int, questions: int, seed: int) -> list:
@@ -48,9 +52,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="scoring.batch_size")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--vqa_mode", default="likelihood", choices=("likelihood", "generate"))
-    parser.add_argument("--scorers", default="vqa,clip,aesthetic,pickscore")
-    for field in ("vqa_path", "clip_path", "aesthetic_clip_path", "aesthetic_head_path", "pickscore_path"):
+    parser.add_argument("--scorers", default="vqa,clip,aesthetic,pickscore,hps,vila")
+    parser.add_argument("--aesthetic", default="laion", choices=("laion", "vila"),
+                        help="scoring.aesthetic (VILA is also timed on its own as 'vila')")
+    for field in PATH_FIELDS:
         parser.add_argument(f"--{field}", default="", help="empty everywhere: the tiny random scorers")
+    parser.add_argument("--hps_model", default="ViT-H-14", help="scoring.hps_model")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -63,8 +70,8 @@ def main() -> None:
 
     scoring = config_common.base_config().scoring
     scoring.device, scoring.batch_size, scoring.vqa_mode = args.device, args.batch_size, args.vqa_mode
-    paths = {f: getattr(args, f) for f in ("vqa_path", "clip_path", "aesthetic_clip_path",
-                                           "aesthetic_head_path", "pickscore_path")}
+    scoring.aesthetic, scoring.hps_model = args.aesthetic, args.hps_model
+    paths = {f: getattr(args, f) for f in PATH_FIELDS}
     tiny = not any(paths.values())
     with tempfile.TemporaryDirectory() as tmp:
         if tiny:
@@ -74,8 +81,10 @@ def main() -> None:
         items = _items(args.images, args.resolution, args.questions, seed=0)
         results = {}
         for name in [s.strip() for s in args.scorers.split(",") if s.strip()]:
-            if not getattr(scoring, {"vqa": "vqa_path", "clip": "clip_path", "aesthetic": "aesthetic_head_path",
-                                     "pickscore": "pickscore_path"}[name]):
+            needs = {"vqa": "vqa_path", "clip": "clip_path", "pickscore": "pickscore_path", "hps": "hps_path",
+                     "vila": "vila_path",
+                     "aesthetic": "vila_path" if args.aesthetic == "vila" else "aesthetic_head_path"}[name]
+            if not getattr(scoring, needs):
                 print(f"{name}: no model path given, skipped")
                 continue
             scorer = factory.build_scorer(name, scoring)

@@ -108,7 +108,8 @@ def sampling_config() -> ml_collections.ConfigDict:
 def scoring_config() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     # "paper" (0.35 VQA/0.55 CLIP/0.10 aesthetic) | "released_code" (0.85 CLIP/0.15 aesthetic)
-    # | "custom" (then `weights`, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,pickscore=0.1")
+    # | "custom" (then `weights`, e.g. "vqa=0.3,clip=0.5,aesthetic=0.1,hps=0.1"; any scorer name,
+    # including the extra ones below)
     s.weights_preset = "paper"
     s.weights = ""
     s.vqa_path = ""  # BLIP-2 folder (paper: blip2-flan-t5-xxl)
@@ -116,13 +117,25 @@ def scoring_config() -> ml_collections.ConfigDict:
     s.vqa_prompt = "Question: {question} Answer:"
     s.vqa_max_new_tokens = 8  # generate mode
     s.clip_path = ""  # CLIP folder (paper: clip-vit-base-patch16)
-    s.aesthetic_clip_path = ""  # CLIP ViT-L/14 folder for the aesthetic head
-    s.aesthetic_head_path = ""  # LAION aesthetic head weights (.pth or .safetensors)
-    s.extra = ""  # comma-separated extra scorers, e.g. "pickscore"
+    # Which model makes the "aesthetic" score: "vila" (the paper's and the authors' code's: VILA,
+    # a TensorFlow SavedModel, 100 x its 0-1 prediction) | "laion" (the LAION head on CLIP ViT-L/14,
+    # its 1-10 rating mapped onto 0-100; PyTorch only). Both need local weights.
+    s.aesthetic = "vila"
+    s.vila_path = ""  # VILA SavedModel folder (TF-Hub / Kaggle google/vila, unpacked)
+    s.aesthetic_clip_path = ""  # aesthetic="laion": CLIP ViT-L/14 folder for the head
+    s.aesthetic_head_path = ""  # aesthetic="laion": LAION head weights (.pth or .safetensors)
+    # Comma-separated extra scorers, recorded but not weighted: "pickscore" (the paper's Table 5
+    # ablation), "hps" (HPS v2, the paper's benchmark metric), "vila" (VILA under its own name).
+    s.extra = ""
+    s.hps_path = ""  # HPS v2 / v2.1 checkpoint file (HPS_v2.1_compressed.pt)
+    # open_clip architecture of the HPS checkpoint: a model name, or "local-dir:FOLDER" holding an
+    # open_clip_config.json (the tiny model).
+    s.hps_model = "ViT-H-14"
     s.pickscore_path = ""  # PickScore_v1 folder (a CLIP model)
     s.pickscore_processor_path = ""  # its processor folder; "" -> pickscore_path
     s.device = "auto"  # "auto" (cuda + fp16 when present) | "cpu" | "cuda"
-    # Build tiny random scorer models under WORKDIR/scores/tiny_models and use them (demo/tests).
+    # Build tiny random scorer models (CLIP, BLIP-2, LAION head, PickScore, HPS, VILA) under
+    # WORKDIR/scores/tiny_models and use them (demo/tests).
     s.tiny = False
     s.batch_size = 16
     s.min_margin = 0.0  # prompts whose best and worst totals differ by less give no pair

@@ -5,8 +5,7 @@
         --config.prompts.source=llm --config.prompts.llm.model=gpt-4o-mini \
         --config.scoring.vqa_path=/models/blip2-flan-t5-xxl \
         --config.scoring.clip_path=/models/clip-vit-base-patch16 \
-        --config.scoring.aesthetic_clip_path=/models/clip-vit-large-patch14 \
-        --config.scoring.aesthetic_head_path=/models/sac+logos+ava1-l14-linearMSE.pth
+        --config.scoring.vila_path=/models/vila
 
 Produces WORKDIR/export (a diffusers SD1.5 folder with the finetuned UNet) and WORKDIR/eval
 (win rates against the base model). 1000 DPO steps at batch 128 on an 8-device mesh.

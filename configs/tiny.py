@@ -30,8 +30,10 @@ def get_config():
     c.sampling.steps = 10
     c.sampling.batch_size = 8
 
-    # Tiny random CLIP / BLIP-2 / aesthetic head, built under WORKDIR/scores/tiny_models.
+    # Tiny random CLIP / BLIP-2 / aesthetic head / HPS / VILA, built under WORKDIR/scores/tiny_models.
     c.scoring.tiny = True
+    # The reward's aesthetic is the tiny LAION head (the demo's reward predates VILA; keep it).
+    c.scoring.aesthetic = "laion"
 
     c.train.batch_size = 8
     c.train.steps = 40
@@ -41,5 +43,8 @@ def get_config():
     c.train.checkpoint_every = 20
 
     c.eval.num_prompts = 96
+    # Scored in the eval only, not weighted: the tiny HPS v2 and VILA models, so the report has
+    # their columns (the paper's Table 1 metrics).
+    c.eval.extra_scorers = "hps,vila"
     c.eval.grid_prompts = 4
     return c

@@ -4,7 +4,8 @@
 
 Every process reads the parameters onto its host (the checkpoint holds every shard), and only
 process 0 writes, so the folder is written once whatever mesh trained it. A finished export is
-skipped while its inputs (the training run, the base model, `export.*`) are unchanged.
+skipped while its inputs (the training run, the base model, `export.*`) are unchanged, and
+redone when they changed.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     wd = storage.as_path(workdir)
     out = wd / workdir_lib.EXPORT
     current = settings(config, wd)
-    summary = done_marker.check("export", out, current, wd)
-    if summary is not None:
-        print(f"export: complete ({summary['pipeline']}), skipped")
-        return summary
+    marker = done_marker.read(out)
+    redone = ""
+    if marker is not None:
+        changed = done_marker.changed_fields(marker, current)
+        if not changed:
+            print(f"export: complete ({marker['pipeline']}), skipped")
+            return marker
+        # The export is derived from the checkpoint alone: redoing it is always safe.
+        redone = f" (redone: {', '.join(changed[:4])} changed)"
+        done_marker.clear(out)
 
     import jax
 
@@ -57,5 +64,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
         done_marker.write(out, summary, current)
-    print(f"export: step {step} -> {pipeline_dir}")
+    print(f"export: step {step} -> {pipeline_dir}{redone}")
     return summary

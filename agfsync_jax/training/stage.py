@@ -61,6 +61,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             return marker
         if set(changed) - set(CONTINUABLE):
             done_marker.check("train", train_dir, current, wd)  # raises, naming the fields
+        print(f"train: continuing from step {marker['step']} to train.steps={config.train.steps}", flush=True)
     # Import JAX only now: joining the process group must precede any use of a device.
     import jax
 

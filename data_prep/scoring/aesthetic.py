@@ -1,10 +1,12 @@
 """Aesthetic score: the LAION aesthetic head on CLIP ViT-L/14 image embeddings, rescaled to 0-100.
 
-Stand-in for VILA: the paper scores aesthetics with VILA (Ke et al. 2023), which has no PyTorch
-port, so we use the standard substitute, the LAION aesthetic predictor v2 ("improved aesthetic
-predictor", sac+logos+ava1-l14-linearMSE.pth): a stack of Linear layers (768-1024-128-64-16-1,
-dropout between them and no activations, so an affine map) over the L2-normalised, projected
-CLIP ViT-L/14 image embedding. The numbers are therefore not VILA's.
+`scoring.aesthetic = "laion"`. A stand-in for VILA: the paper (and the authors' code) scores
+aesthetics with VILA (Ke et al. 2023), which has no PyTorch port; it runs here in TensorFlow
+(vila.py, `scoring.aesthetic = "vila"`, the default). This is the standard PyTorch substitute,
+the LAION aesthetic predictor v2 ("improved aesthetic predictor",
+sac+logos+ava1-l14-linearMSE.pth): a stack of Linear layers (768-1024-128-64-16-1, dropout
+between them and no activations, so an affine map) over the L2-normalised, projected CLIP
+ViT-L/14 image embedding. The numbers are therefore not VILA's.
 
 Scale: the head regresses mean AVA ratings, whose nominal range is 1 (worst) to 10 (best). We map
 that range linearly onto 0-100, like the other scores:

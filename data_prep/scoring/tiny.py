@@ -2,8 +2,9 @@
 
 No machine we test on can download weights, so tests (and the tiny demo) build these in code:
 a CLIP model + processor, BLIP-2 with an OPT or a Flan-T5 language model + processor (tokenizers
-trained in code on a small corpus), and a LAION-layout aesthetic head. They are loaded back by the
-scorers exactly as a user's downloaded folders are.
+trained in code on a small corpus), a LAION-layout aesthetic head, an open_clip model saved as an
+HPS v2 checkpoint, and a TensorFlow SavedModel with VILA's serving signature. They are loaded back
+by the scorers exactly as a user's downloaded folders are.
 
     python -m data_prep.scoring.tiny --out=/tmp/tiny-scorers
 """
@@ -25,7 +26,8 @@ EMBED_DIM = 32
 NUM_QUERY_TOKENS = 4
 LANGUAGE_MODELS = ("opt", "t5")
 # Scoring config fields that scoring.tiny fills in.
-TINY_FIELDS = ("clip_path", "aesthetic_clip_path", "aesthetic_head_path", "vqa_path", "pickscore_path")
+TINY_FIELDS = ("clip_path", "aesthetic_clip_path", "aesthetic_head_path", "vqa_path", "pickscore_path",
+               "hps_path", "hps_model", "vila_path")
 _TINY_DIR = "tiny_models"
 
 _SUBJECTS = ("cat", "dog", "bird", "car", "tree", "house", "flower", "person", "boat", "cup", "chair", "horse")
@@ -195,13 +197,85 @@ def save_tiny_aesthetic_head(out: PathLike, embed_dim: int = EMBED_DIM, seed: in
     return out
 
 
-def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path]:
+# The tiny HPS model: open_clip's CLIP with ViT-H-14's layout (GELU, no QuickGELU; ViT image
+# tower, 77-token text tower) at tiny widths. The vocabulary stays open_clip's 49408 tokens, as
+# the model uses open_clip's own tokenizer.
+TINY_HPS_MODEL_CFG = {
+    "embed_dim": EMBED_DIM,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 2, "width": 32, "head_width": 8, "mlp_ratio": 2.0,
+                   "patch_size": PATCH_SIZE},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+HPS_CHECKPOINT = "HPS_v2_tiny.pt"
+
+
+def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
+    """A folder with open_clip_config.json (TINY_HPS_MODEL_CFG) and HPS_v2_tiny.pt, a random
+    open_clip model saved the way HPS ships its checkpoints ({"state_dict": ...} in a .pt).
+    The scorer's fields: hps_model = "local-dir:<out>", hps_path = <out>/HPS_v2_tiny.pt."""
+    import torch
+
+    from data_prep.scoring.hps import LOCAL_DIR, OPEN_CLIP_CONFIG, create_model
+
+    def build(tmp: Path) -> None:
+        (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": TINY_HPS_MODEL_CFG}, indent=2) + "\n")
+        torch.manual_seed(seed)
+        model = create_model(LOCAL_DIR + str(tmp))
+        torch.save({"state_dict": model.state_dict()}, tmp / HPS_CHECKPOINT)
+
+    return _atomic_dir(Path(out), build)
+
+
+# The tiny VILA: decode, resize to a few pixels, a fixed random linear map (scaled by 4 so the
+# scores spread over the scale rather than sit at 0.5), sigmoid: an image-dependent score in
+# (0, 1) with VILA's serving signature.
+_VILA_SIZE = 8
+
+
+def save_tiny_vila(out: str | Path, seed: int = 0) -> Path:
+    """A TensorFlow SavedModel folder with VILA's `serving_default` signature (scalar string
+    `image_bytes` in, `predictions` of shape (1, 1) in (0, 1) out), random weights from `seed`."""
+    import numpy as np
+
+    from agfsync_jax.tf_cpu import tensorflow_cpu_only
+    from data_prep.scoring.vila import INPUT, OUTPUT, SIGNATURE
+
+    tf = tensorflow_cpu_only()
+    n = _VILA_SIZE * _VILA_SIZE * 3
+    weights = np.random.default_rng(seed).standard_normal(n).astype(np.float32) / np.float32(np.sqrt(n))
+
+    class TinyVila(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(weights)
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string, name=INPUT)])
+        def serve(self, image_bytes):
+            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+            pixels = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [_VILA_SIZE, _VILA_SIZE], method="area")
+            logit = tf.reduce_sum((tf.reshape(pixels, [-1]) - 0.5) * self.w) * 4.0
+            return {OUTPUT: tf.reshape(tf.sigmoid(logit), [1, 1])}
+
+    def build(tmp: Path) -> None:
+        module = TinyVila()
+        with tf.device("/CPU:0"):
+            tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve})
+
+    return _atomic_dir(Path(out), build)
+
+
+def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path | str]:
+    from data_prep.scoring.hps import LOCAL_DIR
+
     return {
         "clip_path": out_dir / "clip",
         "aesthetic_clip_path": out_dir / "aesthetic_clip",
         "aesthetic_head_path": out_dir / "aesthetic_head.pth",
         "vqa_path": out_dir / f"blip2_{language_model}",
         "pickscore_path": out_dir / "pickscore",
+        "hps_path": out_dir / "hps" / HPS_CHECKPOINT,
+        "hps_model": LOCAL_DIR + str(out_dir / "hps"),
+        "vila_path": out_dir / "vila",
     }
 
 
@@ -214,6 +288,9 @@ def save_tiny_scorers(out_dir: PathLike, seed: int = 0, language_model: str = "t
     save_tiny_blip2(paths["vqa_path"], language_model, seed=seed + 3)
     # Real PickScore learned a logit scale near 100; 50 lets a test tell it from CLIP's fixed 100.
     save_tiny_clip(paths["pickscore_path"], seed=seed + 4, logit_scale=50.0)
+    # Built after the models above (which are unchanged by them), TensorFlow last: see factory.py.
+    save_tiny_hps(Path(out_dir) / "hps", seed=seed + 5)
+    save_tiny_vila(paths["vila_path"], seed=seed + 6)
     return paths
 
 
@@ -230,7 +307,11 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
             if storage.is_remote(getattr(scoring, field)):
                 setattr(resolved, field, str(storage.local_copy(getattr(scoring, field))))
         return resolved
-    already = [f for f in TINY_FIELDS if getattr(scoring, f)]
+    from data_prep.scoring.hps import HPS_MODEL
+
+    # hps_model's default names the real architecture; it counts as set only when changed.
+    defaults = {"hps_model": HPS_MODEL}
+    already = [f for f in TINY_FIELDS if getattr(scoring, f) not in ("", defaults.get(f, ""))]
     if already:
         raise ValueError(f"set either scoring.tiny or the scorer paths, not both (set: {already})")
     root = storage.as_path(scoring.tiny_models_dir or storage.as_path(workdir) / workdir_lib.SCORES / _TINY_DIR)
@@ -240,7 +321,7 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
 
         _atomic_dir(root, build)
     for field, path in _tiny_layout(root).items():
-        if not path.exists():
+        if isinstance(path, Path) and not path.exists():
             raise FileNotFoundError(f"{path} is missing from the tiny scorer models; delete {root} to rebuild")
         setattr(resolved, field, str(storage.local_copy(path)))
     return resolved

@@ -50,6 +50,7 @@ def _config(models: dict[str, Path], **scoring):
     c = base_config()
     c.scoring.vqa_path = str(models["blip2_t5"])
     c.scoring.clip_path = str(models["clip"])
+    c.scoring.aesthetic = "laion"
     c.scoring.aesthetic_clip_path = str(models["aesthetic_clip"])
     c.scoring.aesthetic_head_path = str(models["aesthetic_head"])
     c.scoring.pickscore_path = str(models["pickscore"])
@@ -195,6 +196,59 @@ def test_stage_shards_merge_into_one_dataset(workdir):
     assert (s0["pairs"], s1["pairs"]) == (3, 2)  # shard i takes sorted ids i::2
 
 
+def test_stage_with_vila_aesthetic_and_hps_in_the_reward(workdir):
+    from agfsync_jax.tf_cpu import tensorflow_cpu_only
+    from agfsync_jax.schemas import ScoreRow, read_jsonl
+    from configs.common import base_config
+    from data_prep.scoring import stage
+
+    config = base_config()
+    config.scoring.update(dict(tiny=True, aesthetic="vila", weights_preset="custom",
+                               weights="clip=0.4,aesthetic=0.3,hps=0.3", extra="pickscore", device="cpu"))
+    summary = stage.run(config, str(workdir))
+    assert summary["scorers"] == ["clip", "aesthetic", "pickscore", "hps"] and summary["complete"]
+    rows = list(read_jsonl(workdir / "scores" / "scores-00000-of-00001.jsonl", ScoreRow.from_dict))
+    assert len(rows) == 6 * NUM_CANDIDATES
+    tiny_dir = workdir / "scores" / "tiny_models"
+    for r in rows:
+        assert set(r.scores) == {"clip", "aesthetic", "pickscore", "hps"}
+        assert r.scorers["aesthetic"].startswith("vila:vila:")
+        assert r.scorers["hps"].startswith("hps:hps:HPS_v2_tiny.pt:")
+        assert 0.0 < r.scores["aesthetic"] < 100.0
+        assert r.total == pytest.approx(0.4 * r.scores["clip"] + 0.3 * r.scores["aesthetic"] + 0.3 * r.scores["hps"])
+    # The authors' call: the candidate PNG file's own bytes into the signature, x 100.
+    tf = tensorflow_cpu_only()
+    serve = tf.saved_model.load(str(tiny_dir / "vila")).signatures["serving_default"]
+    for r in rows[:4]:
+        png = (workdir / "candidates" / "images" / f"{r.prompt_id}_{r.instruction}_{r.candidate}.png").read_bytes()
+        expected = 100.0 * float(serve(image_bytes=tf.constant(png))["predictions"].numpy()[0][0])
+        assert r.scores["aesthetic"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_tiny_scorers_fill_hps_and_vila_fields(tmp_path):
+    from configs.common import base_config
+    from data_prep.scoring.tiny import resolve_scoring_config
+
+    config = base_config()
+    config.scoring.tiny = True
+    resolved = resolve_scoring_config(config.scoring, tmp_path)  # hps_model's default is not "set"
+    root = tmp_path / "scores" / "tiny_models"
+    assert resolved.hps_model == f"local-dir:{root / 'hps'}"
+    assert resolved.hps_path == str(root / "hps" / "HPS_v2_tiny.pt") and Path(resolved.hps_path).is_file()
+    assert (Path(resolved.vila_path) / "saved_model.pb").is_file()
+    config.scoring.hps_model = "ViT-L-14"
+    with pytest.raises(ValueError, match=r"scoring.tiny or the scorer paths.*hps_model"):
+        resolve_scoring_config(config.scoring, tmp_path)
+
+
+def test_demo_config_keeps_its_reward_and_reports_hps_and_vila():
+    from configs import tiny
+
+    scoring = tiny.get_config().scoring
+    assert (scoring.weights_preset, scoring.weights, scoring.aesthetic) == ("paper", "", "laion")
+    assert scoring.extra == "hps,vila"
+
+
 def test_score_stage_is_registered():
     from agfsync_jax import stages
 
@@ -231,3 +285,77 @@ def test_manifest_rows_without_images_are_an_error(tmp_path):
     (tmp_path / "manifest-00000-of-00001.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(SchemaError, match=r"manifest-00000-of-00001.jsonl row 1: candidate has no image"):
         read_candidates(tmp_path, records, {"p0"})
+
+
+def _clip_only(scorer_models, **scoring):
+    return _config(scorer_models, weights_preset="custom", weights="clip=1", extra="", **scoring)
+
+
+def test_new_weights_re_pair_without_re_scoring(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    stage.run(_clip_only(scorer_models), str(workdir))
+    scores = (workdir / "scores" / "scores-00000-of-00001.jsonl").read_text()
+    before = {ex["prompt_id"]: (ex["winner_candidate"], ex["loser_candidate"]) for ex in _load_tfds(workdir / "pairs")}
+    changed = _config(scorer_models, weights_preset="custom", weights="clip=1,aesthetic=50", extra="")
+    with pytest.raises(Exception, match="scoring.weights changed|aesthetic"):
+        # A newly weighted scorer needs scores that were never computed: that is a re-score.
+        stage.run(changed, str(workdir))
+    # Re-weighting scores that exist re-pairs from the stored rows.
+    stage.run(_clip_only(scorer_models), str(workdir))
+    summary = stage.run(_clip_only(scorer_models, min_margin=1e9), str(workdir))
+    assert "re-paired: pairing settings changed (scoring.min_margin)" in capsys.readouterr().out
+    assert summary["scored"] == 0 and summary["pairs"] == 0
+    assert (workdir / "scores" / "scores-00000-of-00001.jsonl").read_text() == scores  # not re-scored
+    assert not (workdir / "pairs" / "_DONE.json").exists()  # a dataset without pairs is not done
+    again = stage.run(_clip_only(scorer_models), str(workdir))
+    assert again["complete"] and again["pairs"] == len(before)
+
+
+def test_a_run_without_a_single_pair_fails_with_the_counts(scorer_models, workdir):
+    from agfsync_jax.errors import StageFailedError
+    from data_prep.scoring import stage
+
+    with pytest.raises(StageFailedError, match=r"no pair survived .*prompts below_margin: \d+"):
+        stage.run(_clip_only(scorer_models, min_margin=1e9), str(workdir))
+    assert not (workdir / "pairs" / "_DONE.json").exists()
+
+
+def test_skipped_candidates_are_scored_once_readable_and_the_shard_re_paired(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    latent = workdir / "candidates" / "latents" / "p1_0_0.npy"
+    good = latent.read_bytes()
+    latent.write_bytes(b"damaged")
+    first = stage.run(_clip_only(scorer_models), str(workdir))
+    assert first["bad_candidates"]["corrupt_latent"] == [str(latent)]
+    assert stage.run(_clip_only(scorer_models), str(workdir))["scored"] == 0  # still damaged: nothing to do
+    latent.write_bytes(good)  # what `sample` does: it regenerates damaged candidates
+    capsys.readouterr()
+    second = stage.run(_clip_only(scorer_models), str(workdir))
+    assert second["scored"] == 1 and not second["bad_candidates"].get("corrupt_latent")
+    out = capsys.readouterr().out
+    assert "1 candidate(s) skipped earlier now scored" in out and "re-paired" in out
+
+
+def test_a_truncated_pair_shard_is_rebuilt(scorer_models, workdir, capsys):
+    from data_prep.scoring import stage
+
+    stage.run(_clip_only(scorer_models), str(workdir))
+    shard = next((workdir / "pairs").glob("agfsync_pairs-train.tfrecord-*"))
+    reference = shard.read_bytes()
+    shard.write_bytes(reference[:-7])
+    summary = stage.run(_clip_only(scorer_models), str(workdir))
+    assert "re-paired: pair shard" in capsys.readouterr().out and summary["complete"]
+    assert shard.read_bytes() == reference
+
+
+def test_changed_scorer_settings_stop_with_the_fields_named(scorer_models, workdir):
+    from agfsync_jax.errors import StageChangedError
+    from data_prep.scoring import stage
+
+    stage.run(_clip_only(scorer_models), str(workdir))
+    other = _clip_only(scorer_models)
+    other.scoring.vqa_prompt = "Q: {question} A:"
+    with pytest.raises(StageChangedError, match=r"scoring.vqa_prompt changed\); `agfsync-jax clean score"):
+        stage.run(other, str(workdir))
