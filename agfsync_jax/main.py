@@ -21,12 +21,12 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agfsync_jax import stages
+from agfsync_jax import stage_runner, stages
 from agfsync_jax.errors import UserError
 
 # Set by `agfsync_jax.stage_runner` for a stage it runs in a child process: where to leave the
 # stage's summary.
-SUMMARY_ENV = "AGFSYNC_SUMMARY_OUT"
+SUMMARY_ENV = stage_runner.SUMMARY_ENV
 USER_ERROR_EXIT = 2
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -7,7 +7,7 @@ PyTorch scorers never share a process with JAX (whose GPU allocator reserves mos
 device's memory for the life of its process), and every device, thread pool and file handle a
 stage held is released when it ends. The child is `python -m agfsync_jax.main STAGE` with the
 config written as JSON (`configs/resolved.py`); its summary comes back through a file named by
-`agfsync_jax.main.SUMMARY_ENV`. Its output streams to ours; a failure raises with its exit status.
+`SUMMARY_ENV`. Its output streams to ours; a failure raises with its exit status.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from typing import Any
 
 from agfsync_jax.errors import StageFailedError
 
+# Where a child leaves its stage's summary (read by agfsync_jax.main). Defined here, not imported
+# from main: under `python -m agfsync_jax.main` that import would load main a second time and
+# define its flags twice.
+SUMMARY_ENV = "AGFSYNC_SUMMARY_OUT"
 # The child's exit status for a UserError (agfsync_jax.main.USER_ERROR_EXIT).
 _USER_ERROR_EXIT = 2
 
@@ -38,8 +42,6 @@ def child_command(stage: str, config_json: str | Path, workdir: str) -> list[str
 
 
 def child_environment(summary_path: str | Path) -> dict[str, str]:
-    from agfsync_jax.main import SUMMARY_ENV
-
     env = dict(os.environ)
     env[SUMMARY_ENV] = str(summary_path)
     # The repository root first, so that the child imports the same code as the parent.

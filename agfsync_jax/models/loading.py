@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from agfsync_jax import storage
 from agfsync_jax.models import weight_conversion, weight_files
 from agfsync_jax.models.dtype_policy import DtypePolicy
 
@@ -101,7 +102,7 @@ def _component_config(folder: Path, component: str) -> dict[str, Any]:
 
 
 def detect_family(folder: str | Path) -> str:
-    folder = Path(folder)
+    folder = Path(storage.local_copy(folder))
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: model folder does not exist")
     index = _read_json(folder / "model_index.json", folder, "model_index")
@@ -163,7 +164,8 @@ def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(
     """
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
-    folder = Path(folder)
+    # The loaders read local files: a gs:// folder is read from its local copy (storage.local_copy).
+    folder = Path(storage.local_copy(folder))
     unknown = set(components) - set(ALL_COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {ALL_COMPONENTS}")

@@ -53,7 +53,7 @@ def _atomic_dir(out: Path, build: Callable[[Path], None]) -> Path:
     return storage.build_folder(out, build)
 
 
-def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
+def save_tiny_clip(out: PathLike, seed: int = 0, logit_scale: float | None = None) -> Path:
     """A tiny CLIPModel + CLIPProcessor folder (the CLIP score, aesthetic and PickScore path)."""
     import math
 
@@ -124,7 +124,7 @@ def t5_tokenizer():
                            extra_ids=0)
 
 
-def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path:
+def save_tiny_blip2(out: PathLike, language_model: str, seed: int = 0) -> Path:
     """A tiny Blip2ForConditionalGeneration + Blip2Processor folder with an OPT or T5 LM."""
     import torch
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
@@ -209,7 +209,7 @@ TINY_HPS_MODEL_CFG = {
 HPS_CHECKPOINT = "HPS_v2_tiny.pt"
 
 
-def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
+def save_tiny_hps(out: PathLike, seed: int = 0) -> Path:
     """A folder with open_clip_config.json (TINY_HPS_MODEL_CFG) and HPS_v2_tiny.pt, a random
     open_clip model saved the way HPS ships its checkpoints ({"state_dict": ...} in a .pt).
     The scorer's fields: hps_model = "local-dir:<out>", hps_path = <out>/HPS_v2_tiny.pt."""
@@ -223,7 +223,7 @@ def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
         model = create_model(LOCAL_DIR + str(tmp))
         torch.save({"state_dict": model.state_dict()}, tmp / HPS_CHECKPOINT)
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 # The tiny VILA: decode, resize to a few pixels, a fixed random linear map (scaled by 4 so the
@@ -232,7 +232,7 @@ def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
 _VILA_SIZE = 8
 
 
-def save_tiny_vila(out: str | Path, seed: int = 0) -> Path:
+def save_tiny_vila(out: PathLike, seed: int = 0) -> Path:
     """A TensorFlow SavedModel folder with VILA's `serving_default` signature (scalar string
     `image_bytes` in, `predictions` of shape (1, 1) in (0, 1) out), random weights from `seed`."""
     import numpy as np
@@ -261,7 +261,7 @@ def save_tiny_vila(out: str | Path, seed: int = 0) -> Path:
         with tf.device("/CPU:0"):
             tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve})
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path | str]:
@@ -289,12 +289,12 @@ def save_tiny_scorers(out_dir: PathLike, seed: int = 0, language_model: str = "t
     # Real PickScore learned a logit scale near 100; 50 lets a test tell it from CLIP's fixed 100.
     save_tiny_clip(paths["pickscore_path"], seed=seed + 4, logit_scale=50.0)
     # Built after the models above (which are unchanged by them), TensorFlow last: see factory.py.
-    save_tiny_hps(Path(out_dir) / "hps", seed=seed + 5)
+    save_tiny_hps(storage.as_path(out_dir) / "hps", seed=seed + 5)
     save_tiny_vila(paths["vila_path"], seed=seed + 6)
     return paths
 
 
-def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> Any:
+def resolve_scoring_config(scoring: Any, workdir: PathLike, seed: int = 0) -> Any:
     """A copy of the scoring config; with scoring.tiny set, its model paths point at tiny random
     scorers built (once, deterministically) under `scoring.tiny_models_dir` (default
     WORKDIR/scores/tiny_models; the eval stage points it at the training run's). Scorer paths
@@ -304,8 +304,7 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     resolved = scoring.copy_and_resolve_references()
     if not scoring.tiny:
         for field in TINY_FIELDS:
-            if storage.is_remote(getattr(scoring, field)):
-                setattr(resolved, field, str(storage.local_copy(getattr(scoring, field))))
+            setattr(resolved, field, _local(getattr(scoring, field)))
         return resolved
     from data_prep.scoring.hps import HPS_MODEL
 
@@ -323,8 +322,17 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     for field, path in _tiny_layout(root).items():
         if isinstance(path, Path) and not path.exists():
             raise FileNotFoundError(f"{path} is missing from the tiny scorer models; delete {root} to rebuild")
-        setattr(resolved, field, str(storage.local_copy(path)))
+        setattr(resolved, field, _local(str(path)))
     return resolved
+
+
+def _local(value: str) -> str:
+    """A scorer path (or open_clip's "local-dir:FOLDER"), a gs:// one replaced by its local copy."""
+    from data_prep.scoring.hps import LOCAL_DIR
+
+    if value.startswith(LOCAL_DIR):
+        return LOCAL_DIR + _local(value[len(LOCAL_DIR):])
+    return str(storage.local_copy(value)) if storage.is_remote(value) else value
 
 
 def _main() -> None:
