@@ -17,6 +17,7 @@ caller commits it (the export stage's done marker, written after it).
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -83,7 +84,7 @@ def _pytorch_class_names(index: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path:
+def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path | pathlib.Path:
     """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically when
     local; uploaded file by file to gs://). `base_folder` is a local folder."""
     import torch
@@ -127,7 +128,7 @@ def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return pathlib.Path(out_dir)  # local callers get the pathlib.Path they always got (epath has no `**` glob)
 
 
 def export_flax_msgpack(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path:

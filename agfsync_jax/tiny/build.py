@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import shutil
 import tempfile
 from typing import Any
@@ -50,7 +51,7 @@ def build_record(family: str, seed: int, pretraining: Pretraining | None = None)
 
 
 def save_tiny_pipeline(family: str, out: PathLike, seed: int = 0, safetensors: bool = True,
-                       pretraining: Pretraining | None = None) -> Path:
+                       pretraining: Pretraining | None = None) -> Path | pathlib.Path:
     """Builds and saves a tiny pipeline; the folder appears whole or not at all.
 
     With `pretraining` the UNet is first pretrained into a denoiser of synthetic latents
@@ -89,7 +90,7 @@ def save_tiny_pipeline(family: str, out: PathLike, seed: int = 0, safetensors: b
         final.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return pathlib.Path(out)  # local callers get the pathlib.Path they always got (epath has no `**` glob)
 
 
 def read_build(folder: PathLike) -> dict[str, Any]:
