@@ -3,35 +3,51 @@
     folder = resolve_base_model(config, workdir)   # always a local folder
 
 `model.path` names a user's diffusers folder, local or gs:// (a remote one is loaded from its
-local copy in the cache: `storage.local_copy`). With `model.tiny` set instead, the tiny model is
-built on first use under WORKDIR/base_model (and pretrained when `model.tiny_pretrain_steps` >
-0); the build is deterministic, so it is cached, and a cached one built with other settings is
-refused rather than reused. In a gs:// work directory it is built in the system temp
-directory and uploaded, its build record last (a folder without it is an upload that died).
+local copy in the cache: `storage.local_copy`), or a single-file checkpoint converted once into a
+cached diffusers folder (`models.single_file`; kept locally when the work directory is remote).
+With `model.tiny` set instead, the tiny model is built on first use under WORKDIR/base_model (and
+pretrained when `model.tiny_pretrain_steps` > 0); the build is deterministic, so it is cached,
+and a cached one built with other settings is refused rather than reused. In a gs:// work
+directory it is built in the system temp directory and uploaded, its build record last (a folder
+without it is an upload that died).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 from agfsync_jax import storage, workdir as workdir_lib
 from agfsync_jax.errors import ConfigError
+from agfsync_jax.models import single_file
 from agfsync_jax.storage import Path, PathLike
 from agfsync_jax.tiny import build as tiny_build
 
 
+# model.* fields that a stage fingerprint need not list: the tiny pretraining settings are part of
+# `model_identity`, and where single-file conversions are cached changes nothing.
+COVERED_BY_IDENTITY = ("model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size",
+                       "model.tiny_pretrain_learning_rate", "model.single_file_cache")
+
+
 def resolve_base_model(config: Any, workdir: PathLike) -> Path:
-    """The local folder of a run's base model: `model.path` (or its local copy), or the tiny
-    model under WORKDIR/base_model (or its local copy)."""
+    """The local folder of a run's base model: `model.path` (its local copy when remote, its
+    conversion when a single file), or the tiny model under WORKDIR/base_model (its local copy)."""
     if config.model.path and config.model.tiny:
         raise ConfigError("set either model.path or model.tiny, not both")
     if config.model.path:
-        folder = storage.as_path(config.model.path)
-        if not folder.exists():
+        path = storage.as_path(config.model.path)
+        if not path.exists():
             raise ConfigError(f"model.path={config.model.path!r} does not exist")
-        return storage.local_copy(folder)
+        local = storage.local_copy(path)
+        if single_file.is_single_file(local):
+            # Conversions are read by local loaders: a remote work directory keeps them in the cache.
+            remote = storage.is_remote(config.model.single_file_cache or workdir)
+            root = storage.cache_root() / "single_file" if remote else single_file.cache_root(config.model, workdir)
+            return single_file.converted_folder(local, root, config.model.single_file_config)
+        return local
     if not config.model.tiny:
         raise ConfigError("no base model: set model.path (a diffusers folder) or model.tiny (sd1|sdxl)")
     out = storage.as_path(workdir) / workdir_lib.BASE_MODEL
@@ -58,17 +74,20 @@ def resolve_base_model_on_every_process(config: Any, workdir: PathLike) -> Path:
     return resolve_base_model(config, workdir)
 
 
-def folder_identity(folder: PathLike) -> str:
-    """A cheap identity of a model folder: its config files' contents and its weight files'
-    names and sizes. Changing weights, configs or the folder itself changes it; copying the
-    folder elsewhere (another disk, a bucket) does not."""
+def folder_identity(folder: PathLike, exclude: PathLike | None = None) -> str:
+    """A cheap identity of a model folder (or a dataset): its config files' contents and its
+    other files' names and sizes. Changing weights, configs or the folder itself changes it;
+    copying the folder elsewhere (another disk, a bucket) does not. Files under `exclude` (e.g. a
+    work directory kept inside a dataset folder) do not count."""
     folder = storage.as_path(folder)
     if not folder.exists():
-        raise ConfigError(f"model folder {folder} does not exist")
+        raise ConfigError(f"folder {folder} does not exist")
     h = hashlib.sha256()
     is_file = folder.is_file()
     # In pathlib's order (by path components), as identities recorded before were computed.
     names = [folder.name] if is_file else sorted(storage.list_files(folder), key=lambda n: n.split("/"))
+    if exclude is not None and not is_file:
+        names = [n for n in names if not _is_under(folder / n, exclude)]
     for rel in names:
         if rel.startswith(".") or "/." in rel:
             continue
@@ -79,6 +98,12 @@ def folder_identity(folder: PathLike) -> str:
         else:
             h.update(str(storage.size(p)).encode())
     return h.hexdigest()[:16]
+
+
+def _is_under(path: Path, folder: PathLike) -> bool:
+    if storage.is_remote(path) or storage.is_remote(folder):
+        return str(path).startswith(str(folder).rstrip("/") + "/")
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
 
 
 def model_identity(config: Any) -> dict[str, Any]:

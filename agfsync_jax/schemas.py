@@ -63,7 +63,10 @@ RECORD_KINDS: tuple[str, ...] = (KIND_PROMPT, KIND_INSTRUCTION_PAIR)
 # Pair kinds in the preference dataset.
 PAIR_AGFSYNC = "agfsync"  # prompt: winner > loser
 PAIR_CROSS = "cross"  # InstructEngine: prompt -> winner > loser and prompt_2 -> loser > winner
-PAIR_KINDS: tuple[str, ...] = (PAIR_AGFSYNC, PAIR_CROSS)
+# One image for the prompt, no preference (external SFT data, agfsync_jax/encoding): the image is
+# stored as both winner and loser, and only train.loss=sft may train on it.
+PAIR_SFT = "sft"
+PAIR_KINDS: tuple[str, ...] = (PAIR_AGFSYNC, PAIR_CROSS, PAIR_SFT)
 
 
 class SchemaError(ValueError):
@@ -342,7 +345,7 @@ class ScoreRow:
 # reader (agfsync_jax input pipeline) both build their feature specs from this table.
 # kind: "bytes" scalar, "int" scalar, "float" scalar, "int_list" variable-length ints.
 PAIR_FEATURES: dict[str, str] = {
-    "pair_kind": "bytes",       # PAIR_AGFSYNC or PAIR_CROSS
+    "pair_kind": "bytes",       # PAIR_AGFSYNC, PAIR_CROSS or PAIR_SFT
     "prompt_id": "bytes",
     "category": "bytes",
     "prompt": "bytes",          # the text under which `winner` wins

@@ -37,6 +37,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", "data_prep.scoring.stage",
           "score candidates (VQA, CLIP, aesthetic) and write the pair dataset (scores/, pairs/)",
           owns=(workdir_lib.SCORES, workdir_lib.PAIRS), in_pipeline=True),
+    Stage("encode", "agfsync_jax.encoding.stage",
+          "an external image dataset (folder, JSONL, parquet) -> the pair dataset through the VAE encoder "
+          "(pairs/; instead of prompts, sample and score)", owns=(workdir_lib.PAIRS,)),
     Stage("train", "agfsync_jax.training.stage", "Diffusion-DPO finetuning of the UNet (train/)",
           owns=(workdir_lib.TRAIN,), in_pipeline=True),
     Stage("export", "agfsync_jax.export.stage", "trained UNet -> diffusers PyTorch pipeline folder (export/)",

@@ -9,6 +9,10 @@ networks):
            (3 cross-attention down blocks + 1 plain, mid block, mirrored up blocks, 2 resnets per
            level, 8 heads), channels (64, 128, 256, 256), a 4-layer 256-wide CLIP text encoder,
            256 px images with 32 x 32 latents. 1/93 of SD1.5's UNet FLOPs per image.
+    wide128  SD1.5's UNet widths (320, 640, 1280) and cross-attention width 768, but three levels
+           and one resnet per level (316 M UNet parameters), a 4-layer 768-wide text encoder and a
+           narrow factor-8 VAE, at 128 px (16 x 16 latents): the sampling benchmark's model, whose
+           kernels have SD1.5's sizes.
     sd15   the runwayml SD1.5 configuration (UNet 860 M parameters, CLIP ViT-L/14 text encoder,
            the SD VAE) with random weights: 512 px, 64 x 64 latents. For accelerator runs.
 
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MODEL_SIZES = ("tiny", "mid", "sd15")
+MODEL_SIZES = ("tiny", "mid", "wide128", "sd15")
 
 # The runwayml/stable-diffusion-v1-5 UNet (diffusers' defaults are SD1.x's, except these).
 SD15_UNET = dict(
@@ -56,6 +60,13 @@ SDXL_UNET = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+
+# SD1.5's widths, three levels, one resnet per level (the sampling benchmark's model).
+WIDE128_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320, 640, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8)
 
 # The mid-size UNet: SD1.5's layout at 1/5 of its width.
 MID_UNET = dict(
@@ -77,6 +88,7 @@ class SizeSpec:
 SIZES = {
     "tiny": SizeSpec("tiny", 32, 16),
     "mid": SizeSpec("mid", 256, 32),
+    "wide128": SizeSpec("wide128", 128, 16),
     "sd15": SizeSpec("sd15", 512, 64),
     "sdxl": SizeSpec("sdxl", 1024, 128),
 }
@@ -88,7 +100,7 @@ def unet_config(size: str) -> dict[str, Any]:
         from agfsync_jax.tiny.pipeline import build_tiny_pipeline
 
         return dict(build_tiny_pipeline("sd1").unet.config)
-    return dict({"mid": MID_UNET, "sd15": SD15_UNET, "sdxl": SDXL_UNET}[size])
+    return dict({"mid": MID_UNET, "wide128": WIDE128_UNET, "sd15": SD15_UNET, "sdxl": SDXL_UNET}[size])
 
 
 def _text_encoder(vocab_size: int, hidden: int, layers: int, heads: int, intermediate: int) -> Any:
@@ -112,7 +124,7 @@ def build_torch_pipeline(size: str, seed: int = 0) -> Any:
 
     if size == "tiny":
         return build_tiny_pipeline("sd1", seed)
-    if size not in ("mid", "sd15"):
+    if size not in ("mid", "wide128", "sd15"):
         raise ValueError(f"unknown model size {size!r}; expected one of {MODEL_SIZES}")
     with tempfile.TemporaryDirectory() as tmp:
         vocab_size = write_tokenizer_files(Path(tmp))
@@ -123,6 +135,9 @@ def build_torch_pipeline(size: str, seed: int = 0) -> Any:
     if size == "mid":
         text_encoder = _text_encoder(vocab_size, hidden=256, layers=4, heads=4, intermediate=1024)
         vae_channels, vae_layers = (32, 64, 128, 128), 1
+    elif size == "wide128":
+        text_encoder = _text_encoder(vocab_size, hidden=768, layers=4, heads=12, intermediate=3072)
+        vae_channels, vae_layers = (32, 64, 64, 64), 1
     else:  # CLIP ViT-L/14's text tower (the vocabulary is our small one; FLOPs barely change)
         text_encoder = _text_encoder(vocab_size, hidden=768, layers=12, heads=12, intermediate=3072)
         vae_channels, vae_layers = (128, 256, 512, 512), 2
@@ -134,6 +149,8 @@ def build_torch_pipeline(size: str, seed: int = 0) -> Any:
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True,
                               set_alpha_to_one=False)
+    # SD1.5's scheduler_config.json also carries DDIM's clip_sample=False; switching to DDIM reads it.
+    scheduler.register_to_config(clip_sample=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -1,7 +1,7 @@
 """Sampling throughput: our compiled sampler vs diffusers' PyTorch pipeline, same model and batch.
 
-    python benchmarks/sampling.py --model=tiny
-    python benchmarks/sampling.py --model=mid --batch=4
+    python -m benchmarks.sampling --model=tiny
+    python -m benchmarks.sampling --model=wide128 --batch=4
 
 Both sides get the same random-weight model folder (built here, saved with `save_pretrained`,
 loaded back by each side's own loader), the same prompts, scheduler, steps and guidance, and
@@ -25,62 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import common
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["a red cat sitting on a wooden table", "two blue birds above a snowy mountain at sunset",
            "a cup of coffee next to a cake", "a wooden boat on a lake at night"]
 
-# Mid-size: SD1.5's UNet widths (320, 640, 1280) and cross-attention width 768, one layer per
-# block and three levels instead of two and four (316M UNet parameters), at 128 px.
-MID_RESOLUTION = 128
-
-
-def build_mid_pipeline(seed: int = 0) -> Any:
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from agfsync_jax.tiny.tokenizer import write_tokenizer_files
-
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt",
-                                  pad_token="<|endoftext|>", model_max_length=77)
-    unet = UNet2DConditionModel(
-        sample_size=MID_RESOLUTION // 8, block_out_channels=(320, 640, 1280), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8)
-    # An SD-shaped VAE (factor 8) with narrow widths: only --decode uses it.
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
-                        sample_size=MID_RESOLUTION, scaling_factor=0.18215)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1, hidden_act="quick_gelu"))
-    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True,
-                              set_alpha_to_one=False)
-    # SD1.5's scheduler_config.json also carries DDIM's clip_sample=False; switching to DDIM reads it.
-    scheduler.register_to_config(clip_sample=False)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def model_folder(name: str, cache: Path) -> tuple[Path, int]:
-    """The model folder (built once, then reused) and its resolution."""
-    from agfsync_jax.tiny import build as tiny_build, pipeline as tiny
-
+    """The model folder of a size of benchmarks/common.py (built once, then reused) and its resolution."""
     folder = cache / f"sampling-{name}"
-    if name == "tiny":
-        if not folder.exists():
-            tiny_build.save_tiny_pipeline("sd1", folder, seed=0)
-        return folder, tiny.TINY_RESOLUTION
     if not folder.exists():
-        build_mid_pipeline().save_pretrained(folder, safe_serialization=True)
-    return folder, MID_RESOLUTION
+        common.build_torch_pipeline(name).save_pretrained(folder, safe_serialization=True)
+    return folder, common.SIZES[name].resolution
 
 
 def _timed(fn, repeats: int) -> tuple[float, list[float]]:
@@ -165,7 +121,7 @@ def bench_ours(folder: Path, args: argparse.Namespace, resolution: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "mid"), default="tiny")
+    parser.add_argument("--model", choices=("tiny", "wide128"), default="tiny")
     parser.add_argument("--batch", type=int, default=8, help="images per call (global batch)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm_solver", "euler", "pndm"))

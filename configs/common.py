@@ -21,6 +21,15 @@ def model_config() -> ml_collections.ConfigDict:
     s.param_dtype = "float32"  # master weights
     s.compute_dtype = "float32"  # "bfloat16" for bf16 activations and matmuls
     s.resolution = 512
+    # diffusers' variant weight files to load, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
+    # ("" = the plain files). Every loaded component must have them.
+    s.variant = ""
+    # model.path may name a single-file checkpoint (x.safetensors / .ckpt, the original SD layout):
+    # it is converted once into a diffusers folder. The conversion takes configs and tokenizers
+    # from this local diffusers folder of the same architecture ("" = the local Hugging Face
+    # cache of the repository diffusers names for the file); nothing is downloaded.
+    s.single_file_config = ""
+    s.single_file_cache = ""  # where conversions are kept; "" = WORKDIR/base_model_converted
     return s
 
 
@@ -54,7 +63,14 @@ def prompts_config() -> ml_collections.ConfigDict:
     s.instruction_pairs = 0  # InstructEngine pairs to add
     s.instruction_source = ""  # "" (same as source) | "offline" | "llm"
     s.benchmark = ml_collections.ConfigDict()
-    s.benchmark.format = ""  # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text
+    # tifa_questions | tifa_text | drawbench | partiprompts | hpsv2 | text | text_dir | jsonl
+    # (data_prep/prompts/benchmarks.py describes each)
+    s.benchmark.format = ""
+    # Format jsonl (here and for eval.prompts_format=jsonl): the field holding the prompt, the one
+    # holding the category ("" = the file name), and the one holding a list of questions ("" = none).
+    s.benchmark.prompt_key = "prompt"
+    s.benchmark.category_key = "category"
+    s.benchmark.questions_key = ""
     s.benchmark.path = ""
     s.benchmark.questions = "file"  # "file": as in the file (maybe none) | "llm": generate
     s.llm = ml_collections.ConfigDict()
@@ -88,9 +104,22 @@ def sampling_config() -> ml_collections.ConfigDict:
     s.pooled_noise_sigma = 0.0
     # The authors' code starts every prompt's candidate i from the same initial latents.
     s.shared_initial_latents = False
-    s.scheduler = "ddim"  # ddim | dpm_solver | euler | pndm (diffusers' Flax ports)
+    # "": the class the model folder's scheduler/scheduler_config.json names (SD1.5: pndm, SDXL:
+    # euler). Or ddim | dpm_solver | euler | pndm | lcm: another class than the folder's is used
+    # with a warning, on the folder's shared fields (betas, offsets), as diffusers' from_config.
+    s.scheduler = ""
     s.steps = 50
+    # DDIM only: 0 is deterministic DDIM; > 0 adds eta-scaled noise at every step, drawn from the
+    # candidate's own key (diffusers' `eta`).
+    s.eta = 0.0
     s.guidance_scale = 7.5  # classifier-free guidance runs only for values > 1
+    # The unconditional branch of classifier-free guidance. "": the pipelines' default (the
+    # encoding of "", zeros for SDXL); a text: its encoding (the pipelines' `negative_prompt`).
+    s.negative_prompt = ""
+    # A LoRA merged into the UNet for sampling only, e.g. LCM-LoRA with scheduler=lcm, steps 4-8,
+    # guidance_scale 1: a diffusers/peft LoRA safetensors file or a folder holding one. "": none.
+    s.lora_path = ""
+    s.lora_scale = 1.0  # multiplies the LoRA update (diffusers' fuse_lora lora_scale)
     # Examples per compiled call, global; a multiple of (device count x microbatch).
     s.batch_size = 8
     # Examples per UNet call on one device. Results are bitwise reproducible across device
@@ -182,6 +211,46 @@ def train_config() -> ml_collections.ConfigDict:
     s.log_every = 10
     s.checkpoint_every = 100
     s.keep_checkpoints = 3
+    # Validation (agfsync_jax/training/validation.py; diffusers scripts' --run_validation): every
+    # `eval_every` steps and at the last step, the loss (DPO: and implicit accuracy) on held-out
+    # pairs and a grid of samples, to TensorBoard (val/*) and train/val_samples/. 0: off.
+    s.eval_every = 0
+    # Hold out pairs by prompt-id hash, once, recorded in WORKDIR/train/val_split.json and never
+    # trained on: a fraction of the prompt ids, or (val_pairs) at least this many pairs.
+    s.val_fraction = 0.0
+    s.val_pairs = 0
+    s.val_batch_size = 0  # 0: train.batch_size / train.grad_accum_steps
+    s.val_seed = 0  # fixes each held-out batch's noise and timesteps, and the grid's latents
+    s.val_prompts = ()  # prompts of the sample grid (a tuple of strings); (): no grid
+    s.val_images_per_prompt = 2  # grid columns, one seed each
+    s.val_sample_steps = 10  # sampler steps (sampling.scheduler, sampling.guidance_scale)
+    return s
+
+
+def encode_config() -> ml_collections.ConfigDict:
+    """External image datasets -> WORKDIR/pairs (agfsync_jax.encoding; instead of prompts/sample/
+    score; docs/external_datasets.md)."""
+    s = ml_collections.ConfigDict()
+    s.format = "jsonl"  # "folder" | "jsonl" | "parquet" (pyarrow)
+    s.path = ""  # the folder, JSONL file, or parquet file / folder of parquet files
+    s.prompt_key = "prompt"  # Pick-a-Pic: "caption"
+    # One key: (prompt, image) rows for train.loss=sft (MJHQ-30K). Two keys, comma-separated:
+    # preference pairs, image 0 then image 1 ("winner,loser"; Pick-a-Pic: "jpg_0,jpg_1").
+    s.image_keys = "image"
+    # Pairs only: the field with image 0's preference (1 wins, 0 loses, 0.5 tie: skipped;
+    # Pick-a-Pic: "label_0"). "": image 0 always wins.
+    s.label_key = ""
+    s.id_key = ""  # a field used as prompt id; "": a hash of the prompt text
+    s.category_key = ""  # a field used as category (MJHQ-30K: "category"); "": "external"
+    s.image_root = ""  # relative image paths are resolved here; "": next to the JSONL/parquet
+    s.limit = 0  # encode only the first `limit` rows; 0: all
+    # "sample": z = mean + std * N(0, I) (diffusers' DPO/SFT scripts: latent_dist.sample()), one
+    # key per image from `seed`; "mean": the posterior mean (deterministic).
+    s.latent = "sample"
+    s.seed = 0
+    s.batch_size = 8  # images per compiled call, global; a multiple of the device count
+    s.rows_per_shard = 1024  # rows per TFRecord shard: the unit of resumption
+    s.store_png = False  # also store the resized, cropped image as PNG in each record
     return s
 
 
@@ -228,6 +297,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling = sampling_config()
     c.scoring = scoring_config()
     c.train = train_config()
+    c.encode = encode_config()
     c.export = export_config()
     c.eval = eval_config()
     return c

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from agfsync_jax import storage
 from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from agfsync_jax.evaluation import judge_table, statistics
+from agfsync_jax.evaluation import judge_table, paper_tables, statistics
 from agfsync_jax.schemas import ScoreRow
 from agfsync_jax.storage import Path, PathLike
 
@@ -165,6 +165,9 @@ def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str
     else:
         lines.append("Not available: the score rows hold no per-question VQA answers (VQA not scored).")
     lines.append("")
+    tables = paper_tables.paper_tables_markdown(metrics)
+    if tables:
+        lines.append(tables)
     if judge_md:
         lines.append(judge_md)
     lines += ["## Side by side (base | finetuned)", ""] + [f"![grid]({g})" for g in grid_files] + [""]

@@ -148,7 +148,7 @@ def model_config(config: Any, model_path: Path, workdir: Path) -> Any:
 
 def _model_settings(cfg: Any, records: list[PromptRecord]) -> dict[str, Any]:
     return {**fingerprint.config_settings(cfg, ("seed", "model", "sampling", "scoring"),
-                                          _SAMPLING_OPERATIONAL + _SCORING_OPERATIONAL),
+                                          _SAMPLING_OPERATIONAL + _SCORING_OPERATIONAL + base_model.COVERED_BY_IDENTITY),
             "model.identity": base_model.folder_identity(cfg.model.path),
             "prompts": fingerprint.digest({"ids": [r.to_dict() for r in records]})}
 

@@ -1,8 +1,13 @@
 """Export a finetuned Flax UNet as a diffusers PyTorch pipeline folder.
 
-The output folder is the base model's folder with the UNet replaced: every other component is
-copied over unchanged, the UNet is written as safetensors, and `model_index.json` names PyTorch
-classes, so `StableDiffusionPipeline.from_pretrained` (or the SDXL pipeline) loads it.
+The output folder is the base model's pipeline with the UNet replaced: the other components
+that `model_index.json` names are copied over unchanged, the UNet is written as safetensors,
+and `model_index.json` names PyTorch classes, so `StableDiffusionPipeline.from_pretrained` (or
+the SDXL pipeline) loads it. Nothing else of the base folder is copied: not its root files (a
+Hub snapshot keeps multi-GB original checkpoints there), not folders the pipeline does not
+name, and not the weights the pipeline does not load (Flax or ONNX copies, other variants). A
+variant base (`model.variant=fp16`) is exported with its variant files under the plain names,
+so the export loads without a variant argument.
 
 Why not diffusers' `load_flax_weights_in_pytorch_model`: it maps Flax names back by replacing
 "_1" with ".1" everywhere outside `time_embedding`, which turns SDXL's
@@ -31,6 +36,11 @@ from agfsync_jax.models.weight_conversion import ParameterMismatchError
 from agfsync_jax.storage import Path, PathLike
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Components a pipeline works without; one that model_index.json names but the base folder
+# lacks is exported as absent ([null, null]). Any other missing component is an error.
+_OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+# Weight files of formats the PyTorch pipeline does not load.
+_OTHER_WEIGHT_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".pb", ".h5", ".ckpt", ".pt", ".pth", ".ot")
 
 
 def flax_unet_to_pytorch_state_dict(flax_params: Any, pt_shapes: Mapping[str, tuple[int, ...]],
@@ -84,9 +94,47 @@ def _pytorch_class_names(index: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path | pathlib.Path:
+def pipeline_components(index: dict[str, Any]) -> list[str]:
+    """The component folders model_index.json names (entries [library, class], not null)."""
+    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
+                  and len(v) == 2 and v[0] is not None and v[1] is not None)
+
+
+def _copy_component(src: pathlib.Path, dst: pathlib.Path, variant: str) -> None:
+    """A component folder: its configs and tokenizer files, and the weight files that loading
+    with `variant` reads (renamed to the plain names), nothing else."""
+    from agfsync_jax.models import weight_files
+
+    try:
+        used = weight_files.find_weight_files(src, variant)
+    except weight_files.WeightsNotFoundError as e:
+        if any(p.suffix in (".safetensors", ".bin") for p in src.iterdir()):
+            raise  # weights, but not the ones loading reads: the export would lack them
+        used = []  # schedulers, tokenizers and feature extractors have no weights
+    used_names = {p.name for p in used}
+    plain = {weight_files.variant_name(n, variant): n
+             for n in weight_files.SINGLE_FILES + weight_files.INDEX_FILES} if variant else {}
+    dst.mkdir(parents=True)
+    for path in sorted(src.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        name = path.name
+        is_weights = (path.suffix in (".safetensors", ".bin") or name.endswith(".index.json")
+                      or path.suffix in _OTHER_WEIGHT_SUFFIXES)
+        if is_weights and name not in used_names:
+            continue  # another variant or format: the pipeline would not load it
+        target = dst / path.relative_to(src).parent / plain.get(name, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike,
+                    variant: str = "") -> Path | pathlib.Path:
     """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically when
-    local; uploaded file by file to gs://). `base_folder` is a local folder."""
+    local; uploaded file by file to gs://). `base_folder` is a local folder.
+
+    `variant`: the weight variant the base was loaded with (config.model.variant).
+    """
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
@@ -96,9 +144,11 @@ def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) 
         if remote.exists():
             raise FileExistsError(f"{remote} exists; remove it or export elsewhere")
         with tempfile.TemporaryDirectory(prefix="agfsync-export-") as tmp:
-            storage.copy_tree(export_pipeline(base_folder, unet_params, Path(tmp) / remote.name), remote)
+            storage.copy_tree(export_pipeline(base_folder, unet_params, pathlib.Path(tmp) / remote.name, variant),
+                              remote)
         return remote
-    base_folder, out_dir = Path(base_folder), Path(out_dir)
+    # Local files from here on: pathlib, whose globs (rglob in _copy_component) epath refuses.
+    base_folder, out_dir = pathlib.Path(base_folder), pathlib.Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or export elsewhere")
     unet_config = UNet2DConditionModel.load_config(base_folder / "unet")
@@ -107,17 +157,22 @@ def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) 
         pt_shapes = {k: tuple(v.shape) for k, v in UNet2DConditionModel.from_config(unet_config).state_dict().items()}
     state = flax_unet_to_pytorch_state_dict(unet_params, pt_shapes, where=f"{base_folder}: unet")
 
+    index = json.loads((base_folder / "model_index.json").read_text())
+    components = [c for c in pipeline_components(index) if c != "unet"]
+    missing = [c for c in components if not (base_folder / c).is_dir()]
+    required = [c for c in missing if c not in _OPTIONAL_COMPONENTS]
+    if required:
+        raise FileNotFoundError(f"{base_folder}: model_index.json names components {required} that "
+                                f"have no folder; the export would not load")
+    for name in missing:
+        index[name] = [None, None]
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        for child in base_folder.iterdir():
-            if child.name == "unet" or child.name.startswith("."):
-                continue
-            if child.is_dir():
-                shutil.copytree(child, tmp / child.name)
-            elif child.name != "model_index.json":
-                shutil.copy2(child, tmp / child.name)
-        index = json.loads((base_folder / "model_index.json").read_text())
+        for name in components:
+            if name not in missing:
+                _copy_component(base_folder / name, tmp / name, variant)
         (tmp / "model_index.json").write_text(json.dumps(_pytorch_class_names(index), indent=2) + "\n")
         (tmp / "unet").mkdir()
         (tmp / "unet" / "config.json").write_text(
@@ -128,7 +183,7 @@ def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return pathlib.Path(out_dir)  # local callers get the pathlib.Path they always got (epath has no `**` glob)
+    return out_dir
 
 
 def export_flax_msgpack(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path:

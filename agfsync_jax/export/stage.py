@@ -60,7 +60,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             # A previous attempt died after the rename (or, on gs://, during the upload) but
             # before the marker: the folder may be of another step, or partial, so rewrite it.
             storage.rmtree(pipeline_dir)
-        export_pipeline(base, params, pipeline_dir)
+        export_pipeline(base, params, pipeline_dir, variant=config.model.variant)
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
         done_marker.write(out, summary, current)

@@ -5,7 +5,8 @@
 
 Every component is checked before anything heavy happens: the folder, `model_index.json`, the
 component sub-folder, and the class its config names. Weights are read from safetensors or
-`.bin` and converted strictly (see weight_conversion). Parameter trees are host numpy arrays so
+`.bin`, single or sharded, optionally of a diffusers variant ("fp16"), checked for damage and
+non-finite values (see weight_files), and converted strictly (see weight_conversion). Parameter trees are host numpy arrays so
 the caller can place them straight onto a mesh without a detour through one device.
 """
 
@@ -103,6 +104,9 @@ def _component_config(folder: Path, component: str) -> dict[str, Any]:
 
 def detect_family(folder: str | Path) -> str:
     folder = Path(storage.local_copy(folder))
+    if folder.is_file():
+        raise ModelFolderError(f"{folder}: a single file, not a diffusers folder: set model.path to it "
+                               f"and the run converts it once (agfsync_jax/models/single_file.py)")
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: model folder does not exist")
     index = _read_json(folder / "model_index.json", folder, "model_index")
@@ -113,21 +117,27 @@ def detect_family(folder: str | Path) -> str:
     return _PIPELINE_FAMILIES[name]
 
 
+def _read_weights(folder: Path, component: str, variant: str, where: str) -> dict[str, Any]:
+    try:
+        return weight_files.read_state_dict(folder / component, variant)
+    except (weight_files.WeightsNotFoundError, weight_files.UnreadableWeightsError,
+            weight_files.NonFiniteWeightsError) as e:
+        raise ModelFolderError(f"{where}: {e}") from e
+
+
 def _load_diffusers_component(folder: Path, component: str, flax_cls: Any,
-                              policy: DtypePolicy) -> FlaxComponent:
+                              policy: DtypePolicy, variant: str = "") -> FlaxComponent:
     config = _component_config(folder, component)
     module = flax_cls.from_config(config, dtype=policy.compute_dtype)
     expected = weight_conversion.expected_param_shapes(module.init_weights, jax.random.PRNGKey(0))
     where = f"{folder}: component '{component}'"
-    try:
-        state = weight_files.read_state_dict(folder / component)
-    except weight_files.WeightsNotFoundError as e:
-        raise ModelFolderError(f"{where}: {e}") from e
+    state = _read_weights(folder, component, variant, where)
     params = weight_conversion.convert_diffusers_state_dict(state, expected, where)
     return FlaxComponent(module=module, params=policy.cast_params(params), config=dict(config))
 
 
-def _load_text_encoder(folder: Path, component: str, policy: DtypePolicy) -> FlaxComponent:
+def _load_text_encoder(folder: Path, component: str, policy: DtypePolicy,
+                       variant: str = "") -> FlaxComponent:
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
     config = _component_config(folder, component)
@@ -138,10 +148,7 @@ def _load_text_encoder(folder: Path, component: str, policy: DtypePolicy) -> Fla
     expected = weight_conversion.expected_param_shapes(
         lambda rng: model.init_weights(rng, (1, seq)), jax.random.PRNGKey(0))
     where = f"{folder}: component '{component}'"
-    try:
-        state = weight_files.read_state_dict(folder / component)
-    except weight_files.WeightsNotFoundError as e:
-        raise ModelFolderError(f"{where}: {e}") from e
+    state = _read_weights(folder, component, variant, where)
     params = weight_conversion.convert_transformers_state_dict(
         state, expected, model.base_model_prefix, where)
     return FlaxComponent(module=model, params=policy.cast_params(params), config=dict(config))
@@ -156,11 +163,26 @@ def _load_tokenizer(folder: Path, component: str) -> Any:
     return CLIPTokenizer.from_pretrained(sub)
 
 
+def _check_flax_unet_supports(unet_config: dict[str, Any], folder: Path) -> None:
+    """Refuses UNet configs whose extra inputs diffusers' Flax UNet lacks (it would ignore them)."""
+    if unet_config.get("time_cond_proj_dim") is not None:
+        # LCM-distilled UNets (e.g. LCM_Dreamshaper_v7, lcm-sdxl) embed the guidance scale w
+        # into the timestep embedding; FlaxUNet2DConditionModel has no such input.
+        raise ModelFolderError(
+            f"{folder}: component 'unet' sets time_cond_proj_dim={unet_config['time_cond_proj_dim']} "
+            f"({folder / 'unet' / 'config.json'}): a guidance-embedding (LCM-distilled) UNet, which "
+            "diffusers' FlaxUNet2DConditionModel cannot run; sample the base model with an LCM-LoRA "
+            "(sampling.scheduler=lcm, sampling.lora_path) instead")
+
+
 def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(),
-                          components: Sequence[str] = ALL_COMPONENTS) -> StableDiffusion:
+                          components: Sequence[str] = ALL_COMPONENTS,
+                          variant: str = "") -> StableDiffusion:
     """Loads `components` (a subset of unet, vae, text_encoders) of a diffusers SD folder.
 
-    The UNet is always loaded; training from cached latents can skip the VAE.
+    The UNet is always loaded; training from cached latents can skip the VAE. `variant` picks
+    diffusers' variant weight files (`config.model.variant`, e.g. "fp16"); every loaded
+    component must have them.
     """
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
@@ -175,7 +197,7 @@ def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(
     tokenizer_names = ("tokenizer",) if family == FAMILY_SD1 else ("tokenizer", "tokenizer_2")
 
     # Validate every requested component's presence and class before reading any weights.
-    _component_config(folder, "unet")
+    _check_flax_unet_supports(_component_config(folder, "unet"), folder)
     if "vae" in components:
         _component_config(folder, "vae")
     if "text_encoders" in components:
@@ -183,12 +205,15 @@ def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(
             _component_config(folder, name)
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", folder, "scheduler")
 
-    unet = _load_diffusers_component(folder, "unet", FlaxUNet2DConditionModel, policy)
-    vae = _load_diffusers_component(folder, "vae", FlaxAutoencoderKL, policy) if "vae" in components else None
+    unet = _load_diffusers_component(folder, "unet", FlaxUNet2DConditionModel, policy, variant)
+    vae = None
+    if "vae" in components:
+        vae = _load_diffusers_component(folder, "vae", FlaxAutoencoderKL, policy, variant)
     encoders: tuple[FlaxComponent, ...] = ()
     tokenizers: tuple[Any, ...] = ()
     if "text_encoders" in components:
-        encoders = tuple(_load_text_encoder(folder, name, policy) for name in encoder_names)
+        encoders = tuple(_load_text_encoder(folder, name, policy, variant)
+                         for name in encoder_names)
         tokenizers = tuple(_load_tokenizer(folder, name) for name in tokenizer_names)
     return StableDiffusion(
         path=folder, family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,

@@ -13,6 +13,10 @@ visits the slice in a fresh order drawn from (seed, epoch, process_index); the l
 process yields the same number of batches. The position is (epoch, batches consumed in the
 epoch); since the order is a pure function of the seed, restoring is exact and costs nothing.
 
+`records=` restricts the dataset to a subset, given as (file name, index in file) positions:
+training passes every record but the held-out ones, validation only the held-out ones, and
+reads those in a fixed order with `fixed_batches()`.
+
 Records are read by byte offset: a header-only scan of each file in the slice finds the offsets
 (and a truncated file), and the record reader (`agfsync_jax.storage.tfrecord`, local or gs://)
 checks both CRCs of every record it returns. Any damage raises `PairDataError` naming the file.
@@ -21,13 +25,14 @@ checks both CRCs of every record it returns. Any damage raises `PairDataError` n
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from agfsync_jax.pairs.records import (PairDataError, decode_latent, decode_pair_example, scan_record_offsets)
 from agfsync_jax import storage
-from agfsync_jax.schemas import PAIR_CROSS
+from agfsync_jax.schemas import PAIR_CROSS, PAIR_SFT
 from agfsync_jax.storage import Path, PathLike, tfrecord
 from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
@@ -49,11 +54,44 @@ def _split_files(data_dir: Path, split: str) -> list[tuple[Path, int]]:
     return [(data_dir / name, int(n)) for name, n in zip(s.filenames, s.shard_lengths)]
 
 
+# A record's address in the dataset: (TFRecord file name, index of the record in that file).
+RecordPosition = tuple[str, int]
+
+
+def record_positions(data_dir: PathLike, split: str = "train") -> list[RecordPosition]:
+    """Every record's position, in dataset order, from the TFDS metadata alone."""
+    return [(path.name, i) for path, n in _split_files(storage.as_path(data_dir), split) for i in range(n)]
+
+
+def read_prompt_ids(data_dir: PathLike, split: str = "train") -> list[tuple[RecordPosition, str]]:
+    """(position, prompt id) of every record of the split, in dataset order (reads every record)."""
+    out = []
+    for path, n in _split_files(storage.as_path(data_dir), split):
+        if not n:
+            continue
+        offsets = scan_record_offsets(path)
+        if len(offsets) != n:
+            raise PairDataError(f"{path}: holds {len(offsets)} records but dataset_info.json says {n}")
+        reader = tfrecord.RecordReader(path)
+        try:
+            for i, offset in enumerate(offsets):
+                where = f"{path} record {i} (byte {offset})"
+                try:
+                    serialized = reader.read(offset)
+                except (tfrecord.RecordFileError, OSError) as e:
+                    raise PairDataError(f"{where}: unreadable ({e})") from e
+                out.append(((path.name, i), decode_pair_example(serialized, where)["prompt_id"].decode("utf-8")))
+        finally:
+            reader.close()
+    return out
+
+
 class PairDataset:
     """An endless iterator of per-process numpy batches of preference pairs (see module doc)."""
 
     def __init__(self, data_dir: PathLike, global_batch_size: int, seed: int, *, split: str = "train",
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None,
+                 records: Sequence[RecordPosition] | None = None):
         if process_index is None or process_count is None:
             import jax
 
@@ -70,21 +108,30 @@ class PairDataset:
         self.batch_size = global_batch_size // process_count
 
         files = _split_files(self.data_dir, split)
-        self.num_records = sum(n for _, n in files)
+        if records is None:
+            chosen = [(path, i) for path, n in files for i in range(n)]
+        else:
+            lengths = {path.name: (path, n) for path, n in files}
+            chosen = []
+            for name, i in records:
+                if name not in lengths or not 0 <= i < lengths[name][1]:
+                    raise PairDataError(f"{self.data_dir}: no record {i} in file {name!r} (a held-out split "
+                                        "recorded for another pair dataset?)")
+                chosen.append((lengths[name][0], int(i)))
+        self.num_records = len(chosen)
         lo = process_index * self.num_records // process_count
         hi = (process_index + 1) * self.num_records // process_count
         # (file, byte offset, index in file) of every record of this process's slice, in order.
         self._records: list[tuple[Path, int, int]] = []
-        start = 0
-        for path, n in files:
-            if n and start < hi and start + n > lo:
-                offsets = scan_record_offsets(path)
-                if len(offsets) != n:
-                    raise PairDataError(f"{path}: holds {len(offsets)} records but dataset_info.json "
-                                        f"says {n}")
-                for i in range(max(lo - start, 0), min(hi - start, n)):
-                    self._records.append((path, offsets[i], i))
-            start += n
+        offsets_of: dict[Path, list[int]] = {}
+        expected = dict(files)
+        for path, i in chosen[lo:hi]:
+            if path not in offsets_of:
+                offsets_of[path] = scan_record_offsets(path)
+                if len(offsets_of[path]) != expected[path]:
+                    raise PairDataError(f"{path}: holds {len(offsets_of[path])} records but dataset_info.json "
+                                        f"says {expected[path]}")
+            self._records.append((path, offsets_of[path][i], i))
         self.batches_per_epoch = (self.num_records // process_count) // self.batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.data_dir}: {self.num_records} pairs over {process_count} processes do not "
@@ -154,6 +201,12 @@ class PairDataset:
         self._batch += 1
         return batch
 
+    def fixed_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over this process's slice in slice order, unshuffled, without touching the
+        position (validation); the same batches on every call."""
+        for b in range(self.batches_per_epoch):
+            yield self._make_batch(list(range(b * self.batch_size, (b + 1) * self.batch_size)))
+
     def _make_batch(self, local_indices: list[int]) -> dict[str, np.ndarray]:
         winners, losers = [], []
         columns: dict[str, list[Any]] = {k: [] for k in (*TEXT_FIELDS, "winner_total", "loser_total")}
@@ -182,4 +235,5 @@ class PairDataset:
             arr[:] = columns[k]
             batch[k] = arr
         batch["is_cross"] = np.array([k == PAIR_CROSS for k in columns["pair_kind"]], dtype=np.bool_)
+        batch["is_sft"] = np.array([k == PAIR_SFT for k in columns["pair_kind"]], dtype=np.bool_)
         return batch

@@ -41,6 +41,7 @@ def host_batch(group: Sequence[Example | None], *, tokenizers: Sequence[Any], sa
     n = len(group)
     texts = [e.text if e is not None else "" for e in group]
     latent_keys = np.zeros((n, 2), np.uint32)
+    step_noise_keys = np.zeros((n, 2), np.uint32)
     noise_keys = np.zeros((n, 2), np.uint32)
     embeds_sigma = np.zeros((n,), np.float32)
     pooled_sigma = np.zeros((n,), np.float32)
@@ -51,6 +52,10 @@ def host_batch(group: Sequence[Example | None], *, tokenizers: Sequence[Any], sa
                         if sampling.shared_initial_latents else example.seed)
         latent_keys[row] = candidate_seeds.key_data(
             candidate_seeds.stream_seed(latents_seed, candidate_seeds.LATENTS))
+        # The step noise belongs with the initial latents: the authors' sampler draws both from
+        # one default-seeded generator per call, i.e. the same for every prompt.
+        step_noise_keys[row] = candidate_seeds.key_data(
+            candidate_seeds.stream_seed(latents_seed, candidate_seeds.STEP_NOISE))
         noise_keys[row] = candidate_seeds.key_data(
             candidate_seeds.stream_seed(example.seed, candidate_seeds.EMBEDDING_NOISE))
         embeds_sigma[row] = candidate_noise_sigma(example, sampling.noise_sigma, sampling.clean_first_candidate)
@@ -59,7 +64,7 @@ def host_batch(group: Sequence[Example | None], *, tokenizers: Sequence[Any], sa
     batch = {
         # (B, E, L): the program wants examples first.
         "token_ids": np.ascontiguousarray(np.swapaxes(tokenize(tokenizers, texts), 0, 1)),
-        "latent_keys": latent_keys, "noise_keys": noise_keys,
+        "latent_keys": latent_keys, "step_noise_keys": step_noise_keys, "noise_keys": noise_keys,
         "embeds_sigma": embeds_sigma, "pooled_sigma": pooled_sigma,
     }
     if sdxl_resolution is not None:

@@ -21,9 +21,11 @@ _SEP = "\x1f"  # unit separator: cannot occur in a JSON-decoded id by accident o
 _MASK_63 = (1 << 63) - 1
 
 # Stream names. "latents" are the initial latents; "embedding_noise" the Gaussian noise on the
-# conditional text embedding (and, if enabled, on SDXL's pooled embedding).
+# conditional text embedding (and, if enabled, on SDXL's pooled embedding); "step_noise" the
+# noise that LCM and DDIM with eta > 0 inject between denoising steps.
 LATENTS = "latents"
 EMBEDDING_NOISE = "embedding_noise"
+STEP_NOISE = "step_noise"
 
 
 def _hash63(*parts: object) -> int:

@@ -2,13 +2,15 @@
 
 For each example: encode its prompt, add sigma-scaled Gaussian noise to the conditional
 embedding (its own key), draw its initial latents (its own key), denoise with classifier-free
-guidance against the clean unconditional embedding, and decode. The mesh-sharded, compiled
+guidance against the clean unconditional (or negative-prompt) embedding, drawing any step noise
+from its own key, and decode. The mesh-sharded, compiled
 wrapper around this function is `program.SamplingProgram`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,11 +28,12 @@ from agfsync_jax.sampling.schedulers import Scheduler
 # Per-example fields of a batch (leading dim B):
 #   token_ids     (B, E, L) int32    prompt tokens for each of the E text encoders
 #   latent_keys   (B, 2) uint32      key data of the initial latents
+#   step_noise_keys (B, 2) uint32    key data of the noise injected between steps (LCM, DDIM eta > 0)
 #   noise_keys    (B, 2) uint32      key data of the embedding noise
 #   embeds_sigma  (B,) float32       noise scale on the conditional embedding (0: clean)
 #   pooled_sigma  (B,) float32       noise scale on SDXL's pooled embedding (0 by default)
 #   time_ids      (B, 6) float32     SDXL only
-BATCH_FIELDS = ("token_ids", "latent_keys", "noise_keys", "embeds_sigma", "pooled_sigma")
+BATCH_FIELDS = ("token_ids", "latent_keys", "step_noise_keys", "noise_keys", "embeds_sigma", "pooled_sigma")
 SDXL_BATCH_FIELDS = BATCH_FIELDS + ("time_ids",)
 
 
@@ -67,6 +70,7 @@ def generate(models: CandidateModels, params: Mapping[str, Any], batch: Mapping[
         batch: the fields in `models.batch_fields`.
         uncond: the unconditional conditioning with batch 1 (embeds (1, L, D), SDXL pooled
             (1, P)); broadcast to the batch, never perturbed. Its time ids are the batch's.
+            `batch["step_noise_keys"]` is read only by schedulers that inject step noise.
     """
     cond = conditioning(models, params["text"], batch)
     cond = noise.perturb_conditioning(cond, batch["noise_keys"], batch["embeds_sigma"], batch["pooled_sigma"])
@@ -79,7 +83,11 @@ def generate(models: CandidateModels, params: Mapping[str, Any], batch: Mapping[
             else jnp.broadcast_to(uncond.pooled, (b,) + uncond.pooled.shape[1:]).astype(jnp.float32),
             cond.time_ids)
     latents = noise.initial_latents(batch["latent_keys"], models.latent_shape)
-    final = denoise(models.denoise_fn, params["unet"], models.scheduler, latents, cond, negative, guidance_scale)
+    step_noise = None
+    if models.scheduler.needs_step_noise:
+        step_noise = functools.partial(noise.step_noise, batch["step_noise_keys"], latent_shape=models.latent_shape)
+    final = denoise(models.denoise_fn, params["unet"], models.scheduler, latents, cond, negative, guidance_scale,
+                    step_noise)
     out = {"latents": final}
     if models.vae is not None:
         out["images"] = decode.decode_to_uint8(models.vae, params["vae"], models.vae_config, final)
@@ -119,12 +127,17 @@ def model_params(sd: StableDiffusion, decode_images: bool) -> dict[str, Any]:
     return params
 
 
-def unconditional(sd: StableDiffusion) -> Conditioning:
-    """The clean negative branch (batch 1): the encoding of "" or, for SDXL, zeros."""
-    ids = jnp.asarray(tokenize(sd.tokenizers, [""]))
+def unconditional(sd: StableDiffusion, negative_prompt: str = "") -> Conditioning:
+    """The clean negative branch of classifier-free guidance (batch 1).
+
+    Without a negative prompt: the encoding of "" or, for SDXL, zeros (the pipelines'
+    `negative_prompt=None`). With one (sampling.negative_prompt): its encoding by every text
+    encoder, SDXL's pooled embedding included, as the pipelines' `negative_prompt` gives.
+    """
+    ids = jnp.asarray(tokenize(sd.tokenizers, [negative_prompt]))
     encoders = tuple(e.module for e in sd.text_encoders)
-    empty = jax.jit(lambda params, ids: encode_tokens(sd.family, encoders, params, ids))(
+    encoded = jax.jit(lambda params, ids: encode_tokens(sd.family, encoders, params, ids))(
         tuple(e.params for e in sd.text_encoders), ids)
-    negative = unconditional_embeddings(sd, empty, empty)
+    negative = encoded if negative_prompt else unconditional_embeddings(sd, encoded, encoded)
     return Conditioning(np.asarray(negative.embeds, np.float32),
                         None if negative.pooled is None else np.asarray(negative.pooled, np.float32))

@@ -1,4 +1,4 @@
-"""Per-candidate randomness: initial latents and Gaussian noise on the text conditioning.
+"""Per-candidate randomness: initial latents, noise on the text conditioning, step noise.
 
 Pure, jittable functions of per-example key data (see candidate_seeds). Every draw is made with
 the example's own key (vmapped), so an example's noise never depends on its batch, its position
@@ -23,6 +23,16 @@ def _keys(key_data: jax.Array) -> jax.Array:
 def initial_latents(latent_key_data: jax.Array, latent_shape: tuple[int, int, int]) -> jax.Array:
     """(B, 2) uint32 key data -> (B, C, H, W) float32 unit Gaussians, one draw per example."""
     return jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(_keys(latent_key_data))
+
+
+def step_noise(step_key_data: jax.Array, index: jax.Array, latent_shape: tuple[int, int, int]) -> jax.Array:
+    """(B, 2) uint32 key data and a model-call index -> (B, C, H, W) unit Gaussians for that step.
+
+    The noise that LCM and DDIM with eta > 0 inject between steps: step i of an example draws
+    from its key folded with i, so it depends on neither the batch nor the number of steps.
+    """
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, index))(_keys(step_key_data))
+    return jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys)
 
 
 def perturb_conditioning(cond: Conditioning, noise_key_data: jax.Array, embeds_sigma: jax.Array,

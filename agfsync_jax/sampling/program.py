@@ -38,6 +38,7 @@ def batch_shapes(models: CandidateModels, batch_size: int, token_length: int) ->
     shapes = {
         "token_ids": ((batch_size, len(models.text_encoders), token_length), np.int32),
         "latent_keys": ((batch_size, 2), np.uint32),
+        "step_noise_keys": ((batch_size, 2), np.uint32),
         "noise_keys": ((batch_size, 2), np.uint32),
         "embeds_sigma": ((batch_size,), np.float32),
         "pooled_sigma": ((batch_size,), np.float32),

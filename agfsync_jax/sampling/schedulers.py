@@ -20,8 +20,19 @@ Options that PyTorch honours but the Flax ports do not implement (Karras sigmas,
 zero-SNR rescaling, ...) raise `SchedulerConfigError` naming the field, instead of silently
 sampling something else.
 
+Two schedulers have no Flax port and are written here in JAX from the PyTorch code: LCM
+(`LCMScheduler`: consistency-model multistep sampling, what LCM-LoRA and LCM-distilled UNets are
+sampled with) and DDIM's stochastic variant (`eta > 0`: the Flax DDIM step takes `eta` but never
+adds the noise). Both inject fresh Gaussian noise between steps; the denoising loop passes that
+noise in (`step(..., noise=...)`), drawn from per-candidate keys, so sampling stays a pure
+function of its inputs.
+
 The denoising loop drives a scheduler by step index (`step(state, eps, i, x)`), so repeated
 timesteps (PNDM's PLMS warm-up) and float timesteps (Euler) need no lookups by value.
+
+Which scheduler: `resolve_name` maps `sampling.scheduler` ("" = the class the model folder's
+scheduler_config.json names) to one of SCHEDULERS, and warns when the config overrides the
+folder's class.
 """
 
 from __future__ import annotations
@@ -34,8 +45,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-SCHEDULERS: tuple[str, ...] = ("ddim", "dpm_solver", "euler", "pndm")
+SCHEDULERS: tuple[str, ...] = ("ddim", "dpm_solver", "euler", "pndm", "lcm")
+# The diffusers (PyTorch) class each name reproduces, as a scheduler_config.json's `_class_name`.
+DIFFUSERS_CLASSES: dict[str, str] = {
+    "ddim": "DDIMScheduler", "dpm_solver": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler", "lcm": "LCMScheduler"}
 
 # PyTorch defaults (diffusers 0.39) of every option that changes the sampled result. A folder's
 # scheduler_config.json is written for one class (SD1.x: PNDM, SDXL: Euler); switching class
@@ -59,6 +75,12 @@ _PYTORCH_DEFAULTS: dict[str, dict[str, Any]] = {
               "rescale_betas_zero_snr": False, "final_sigmas_type": "zero"},
     "pndm": {**_COMMON_DEFAULTS, "skip_prk_steps": False, "set_alpha_to_one": False,
              "timestep_spacing": "leading"},
+    # LCMScheduler's own defaults differ from the others' (SD's betas). `timestep_spacing` and
+    # `steps_offset` are registered but unused by its `set_timesteps`.
+    "lcm": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "trained_betas": None, "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
+            "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon", "thresholding": False,
+            "timestep_spacing": "leading", "timestep_scaling": 10.0, "rescale_betas_zero_snr": False},
 }
 # field -> values we implement; any other value raises.
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -78,6 +100,8 @@ _SUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {
               "rescale_betas_zero_snr": (False,), "final_sigmas_type": ("zero", "sigma_min"),
               "prediction_type": ("epsilon", "v_prediction")},
     "pndm": {"timestep_spacing": _SPACINGS, "prediction_type": ("epsilon", "v_prediction")},
+    "lcm": {"thresholding": (False,), "rescale_betas_zero_snr": (False,),
+            "prediction_type": ("epsilon", "sample", "v_prediction")},
 }
 
 
@@ -102,11 +126,41 @@ def effective_config(name: str, scheduler_config: Mapping[str, Any]) -> dict[str
     return config
 
 
+def resolve_name(requested: str, scheduler_config: Mapping[str, Any], where: str) -> str:
+    """The scheduler to sample with: `sampling.scheduler`, or with "" the folder's class.
+
+    Args:
+        requested: the config's `sampling.scheduler` ("" or one of SCHEDULERS).
+        scheduler_config: the model folder's scheduler_config.json.
+        where: that file's path, for messages.
+
+    A requested class other than the folder's is honoured, with a warning: it runs with the
+    folder's shared fields (betas, offsets, ...) and its own defaults for the rest, as
+    diffusers' `from_config` does.
+    """
+    folder_class = scheduler_config.get("_class_name")
+    folder_name = {v: k for k, v in DIFFUSERS_CLASSES.items()}.get(folder_class)
+    if requested == "":
+        if folder_name is None:
+            raise SchedulerConfigError(
+                f"sampling.scheduler='' samples with the model folder's scheduler, but {where} names "
+                f"{folder_class!r}, which is not implemented; set sampling.scheduler to one of {SCHEDULERS}")
+        return folder_name
+    if requested not in SCHEDULERS:
+        raise SchedulerConfigError(f"sampling.scheduler={requested!r}: expected '' (the folder's) or one of {SCHEDULERS}")
+    if requested != folder_name:
+        logging.warning("sampling.scheduler=%r samples with %s, but the model folder's %s names %s "
+                        "(set sampling.scheduler='' to use the folder's)",
+                        requested, DIFFUSERS_CLASSES[requested], where, folder_class)
+    return requested
+
+
 def _flax_class(name: str) -> Any:
     from diffusers import (FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler, FlaxEulerDiscreteScheduler,
                            FlaxPNDMScheduler)
+    # LCM has no Flax port; the DDIM one supplies its betas and alphas_cumprod (same formulas).
     return {"ddim": FlaxDDIMScheduler, "dpm_solver": FlaxDPMSolverMultistepScheduler,
-            "euler": FlaxEulerDiscreteScheduler, "pndm": FlaxPNDMScheduler}[name]
+            "euler": FlaxEulerDiscreteScheduler, "pndm": FlaxPNDMScheduler, "lcm": FlaxDDIMScheduler}[name]
 
 
 def _build_flax(name: str, config: Mapping[str, Any]) -> Any:
@@ -148,7 +202,11 @@ class Scheduler:
             than `num_steps`.
         init_noise_sigma: the initial latents are unit Gaussians times this (PyTorch pipelines do
             the same with latents passed in by the caller).
+        needs_step_noise: `step` takes fresh unit Gaussian noise of the sample's shape at
+            every model call (LCM, DDIM with eta > 0); the others ignore it.
     """
+
+    needs_step_noise = False
 
     def __init__(self, name: str, scheduler_config: Mapping[str, Any], num_steps: int):
         if num_steps < 1:
@@ -184,19 +242,125 @@ class Scheduler:
     def scale_model_input(self, state: Any, sample: jax.Array, index: jax.Array) -> jax.Array:
         return self.flax.scale_model_input(state, sample, self.timestep(index))
 
-    def step(self, state: Any, model_output: jax.Array, index: jax.Array,
-             sample: jax.Array) -> tuple[jax.Array, Any]:
-        """x_{t_index} -> x_{t_index+1} given the (guided) model output at model call `index`."""
+    def step(self, state: Any, model_output: jax.Array, index: jax.Array, sample: jax.Array,
+             noise: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """x_{t_index} -> x_{t_index+1} given the (guided) model output at model call `index`.
+
+        `noise` (unit Gaussians, the sample's shape) is required when `needs_step_noise`.
+        """
         prev_sample, state = self.flax.step(state, model_output, self.timestep(index), sample, return_dict=False)
         return prev_sample, state
+
+    def _require_noise(self, noise: jax.Array | None, sample: jax.Array) -> jax.Array:
+        if noise is None:
+            raise ValueError(f"scheduler {self.name!r} injects noise between steps: pass `noise` to step()")
+        if noise.shape != sample.shape:
+            raise ValueError(f"step noise has shape {noise.shape}, the sample {sample.shape}")
+        return noise.astype(sample.dtype)
+
+
+class _DDIM(Scheduler):
+    """DDIM; with eta > 0 the stochastic variant (DDIM paper eq. 12 and 16, diffusers' `eta`)."""
+
+    def __init__(self, name: str, scheduler_config: Mapping[str, Any], num_steps: int, eta: float = 0.0):
+        super().__init__(name, scheduler_config, num_steps)
+        if not (math.isfinite(eta) and eta >= 0):
+            raise SchedulerConfigError(f"sampling.eta={eta!r} must be a finite number >= 0")
+        self.eta = float(eta)
+        self.needs_step_noise = self.eta > 0
+        # sigma_t(eta) per model call, as PyTorch's DDIMScheduler.step computes it in float32.
+        ac = self.alphas_cumprod.astype(np.float32)
+        final = np.float32(1.0) if self.config["set_alpha_to_one"] else ac[0]
+        t = self.timesteps
+        prev = t - self.config["num_train_timesteps"] // num_steps
+        alpha_t = ac[t]
+        alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
+        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        self._std_dev = (np.float32(self.eta) * np.sqrt(variance)).astype(np.float32)
+
+    def step(self, state: Any, model_output: jax.Array, index: jax.Array, sample: jax.Array,
+             noise: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        # The Flax step shrinks the direction term by sigma_t but adds no noise; PyTorch adds
+        # sigma_t * z at every step, the last one included.
+        prev_sample, state = self.flax.step(state, model_output, self.timestep(index), sample, eta=self.eta,
+                                            return_dict=False)
+        if self.eta > 0:
+            prev_sample = prev_sample + jnp.asarray(self._std_dev)[index] * self._require_noise(noise, sample)
+        return prev_sample, state
+
+
+class _LCM(Scheduler):
+    """diffusers' LCMScheduler in JAX (there is no Flax port).
+
+    Each step predicts x0, applies the consistency boundary condition
+    `denoised = c_out * x0 + c_skip * x_t` and, except at the last step, re-noises `denoised`
+    to the next timestep with fresh noise. Timesteps: the `original_inference_steps`-point
+    distillation schedule, subsampled evenly to `num_steps`.
+    """
+
+    def __init__(self, name: str, scheduler_config: Mapping[str, Any], num_steps: int):
+        super().__init__(name, scheduler_config, num_steps)
+        self.needs_step_noise = num_steps > 1  # one-step sampling draws no noise
+        ac = self.alphas_cumprod.astype(np.float32)
+        t = self.timesteps
+        prev = np.concatenate([t[1:], t[-1:]])  # PyTorch uses t itself as "previous" at the last step
+        alpha_t, alpha_prev = ac[t], ac[prev]
+        sigma_data = 0.5
+        scaled = t.astype(np.float32) * np.float32(self.config["timestep_scaling"])
+        per_step = {
+            "sqrt_alpha": np.sqrt(alpha_t), "sqrt_beta": np.sqrt(1 - alpha_t),
+            "sqrt_alpha_prev": np.sqrt(alpha_prev), "sqrt_beta_prev": np.sqrt(1 - alpha_prev),
+            "c_skip": sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2),
+            "c_out": scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5,
+        }
+        self._per_step = {k: v.astype(np.float32) for k, v in per_step.items()}
+
+    def _timesteps(self) -> np.ndarray:
+        n_train, n = self.config["num_train_timesteps"], self.num_steps
+        original = self.config["original_inference_steps"]
+        if original > n_train:
+            raise SchedulerConfigError(
+                f"scheduler 'lcm': original_inference_steps={original} exceeds num_train_timesteps={n_train}")
+        if n > original:
+            raise SchedulerConfigError(
+                f"sampling.steps={n} exceeds the LCM scheduler's original_inference_steps={original}: its "
+                f"timesteps are a subset of that schedule")
+        k = n_train // original
+        origin = (np.arange(1, original + 1) * k - 1)[::-1]
+        indices = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
+        return origin[indices].astype(np.int64)
+
+    def init_state(self, sample_shape: tuple[int, ...]) -> Any:
+        return ()  # stateless: everything per step is precomputed
+
+    def scale_model_input(self, state: Any, sample: jax.Array, index: jax.Array) -> jax.Array:
+        return sample
+
+    def step(self, state: Any, model_output: jax.Array, index: jax.Array, sample: jax.Array,
+             noise: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        c = {k: jnp.asarray(v)[index] for k, v in self._per_step.items()}
+        prediction = self.config["prediction_type"]
+        if prediction == "epsilon":
+            x0 = (sample - c["sqrt_beta"] * model_output) / c["sqrt_alpha"]
+        elif prediction == "sample":
+            x0 = model_output
+        else:  # v_prediction
+            x0 = c["sqrt_alpha"] * sample - c["sqrt_beta"] * model_output
+        if self.config["clip_sample"]:
+            x0 = jnp.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
+        denoised = c["c_out"] * x0 + c["c_skip"] * sample
+        if not self.needs_step_noise:
+            return denoised, state
+        renoised = c["sqrt_alpha_prev"] * denoised + c["sqrt_beta_prev"] * self._require_noise(noise, sample)
+        return jnp.where(index == self.num_model_calls - 1, denoised, renoised), state
 
 
 class _DPMSolver(Scheduler):
     def _timesteps(self) -> np.ndarray:
         return _leading_trailing_linspace(self.config, self.num_steps, dpm=True)
 
-    def step(self, state: Any, model_output: jax.Array, index: jax.Array,
-             sample: jax.Array) -> tuple[jax.Array, Any]:
+    def step(self, state: Any, model_output: jax.Array, index: jax.Array, sample: jax.Array,
+             noise: jax.Array | None = None) -> tuple[jax.Array, Any]:
         prev_sample, state = super().step(state, model_output, index, sample)
         if self.config["final_sigmas_type"] == "zero":
             # A first-order step to sigma = 0 returns the data prediction, which the Flax step
@@ -270,8 +434,8 @@ class _PNDM(Scheduler):
         state = super().init_state(sample_shape)
         return state.replace(prk_timesteps=jnp.asarray(self._prk), plms_timesteps=jnp.asarray(self._plms))
 
-    def step(self, state: Any, model_output: jax.Array, index: jax.Array,
-             sample: jax.Array) -> tuple[jax.Array, Any]:
+    def step(self, state: Any, model_output: jax.Array, index: jax.Array, sample: jax.Array,
+             noise: jax.Array | None = None) -> tuple[jax.Array, Any]:
         prev_sample, state = super().step(state, model_output, index, sample)
         if not self._negative_prev.any():
             return prev_sample, state
@@ -289,11 +453,19 @@ def _pndm_formula_9(alpha_t: jax.Array, alpha_prev: jax.Array, sample: jax.Array
     return (alpha_prev / alpha_t) ** 0.5 * sample - (alpha_prev - alpha_t) * eps / denom
 
 
-_CLASSES = {"ddim": Scheduler, "dpm_solver": _DPMSolver, "euler": _Euler, "pndm": _PNDM}
+_CLASSES = {"ddim": _DDIM, "dpm_solver": _DPMSolver, "euler": _Euler, "pndm": _PNDM, "lcm": _LCM}
 
 
-def make_scheduler(name: str, scheduler_config: Mapping[str, Any], num_steps: int) -> Scheduler:
-    """The scheduler `name` (sampling.scheduler) for a model folder's scheduler_config."""
+def make_scheduler(name: str, scheduler_config: Mapping[str, Any], num_steps: int, *,
+                   eta: float = 0.0) -> Scheduler:
+    """The scheduler `name` (a resolved sampling.scheduler) for a model folder's scheduler_config.
+
+    `eta` (sampling.eta) is DDIM's noise level: 0 is deterministic DDIM, 1 DDPM-like.
+    """
     if name not in _CLASSES:
         raise SchedulerConfigError(f"sampling.scheduler={name!r}: expected one of {SCHEDULERS}")
+    if name == "ddim":
+        return _DDIM(name, scheduler_config, num_steps, eta)
+    if eta != 0:
+        raise SchedulerConfigError(f"sampling.eta={eta!r} applies to the DDIM scheduler only, not {name!r}")
     return _CLASSES[name](name, scheduler_config, num_steps)

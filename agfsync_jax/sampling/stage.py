@@ -5,7 +5,9 @@
 Each JAX process generates the prompts of its shard (stage shard x process) and appends to its
 own manifest shard. A re-run regenerates exactly the candidates that have no manifest row or
 whose files do not verify, and writes nothing else; the done marker appears once every
-candidate of every prompt has a row.
+candidate of every prompt has a row. Candidates that failed (non-finite latents) get no row:
+the stage then raises after writing the others, so the command exits non-zero, no done marker
+appears, and a re-run retries exactly the failed ones.
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ from tqdm import tqdm
 from agfsync_jax import base_model, done_marker, fingerprint, sharding, storage
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.base_model import resolve_base_model_on_every_process
-from agfsync_jax.errors import MissingInputError
+from agfsync_jax.errors import MissingInputError, StageFailedError
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, detect_family, load_stable_diffusion
-from agfsync_jax.sampling import batching, candidates, outputs
+from agfsync_jax.sampling import batching, candidates, model_setup, outputs, schedulers
 from agfsync_jax.sampling.compile_count import CompileCounter
 from agfsync_jax.sampling.program import SamplingProgram, check_batch_layout
-from agfsync_jax.sampling.schedulers import make_scheduler
 from agfsync_jax.sampling.work_plan import Example, ShardSpec, plan_examples, shard_examples
 from agfsync_jax.schemas import ManifestRow, read_prompts
 from agfsync_jax.storage import Path, PathLike
@@ -40,19 +41,39 @@ from agfsync_jax.storage import Path, PathLike
 _WRITER_THREADS = 4
 
 
+class CandidatesFailedError(StageFailedError):
+    """Some candidates could not be made; the others are saved."""
+
+
 # Fields that change how fast candidates are made, not what they are. With sampling.shard_params
 # the last bits may depend on the mesh (see configs/common.py); that is accepted as "the same".
-IGNORED = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params",
-           "model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size", "model.tiny_pretrain_learning_rate")
+IGNORED = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params") + base_model.COVERED_BY_IDENTITY
 
 
 def settings(config: Any, workdir: PathLike) -> dict[str, Any]:
     """Everything that determines the candidates' content: the model, sampling and seed fields
-    (all but IGNORED), the base model's identity and the prompts they were sampled for."""
+    (all but IGNORED), the base model's identity (which fixes what sampling.scheduler="" resolves
+    to), a sampling LoRA's identity and the prompts they were sampled for."""
     prompts = done_marker.read(storage.as_path(workdir) / workdir_lib.PROMPTS) or {}
     return {**fingerprint.config_settings(config, ("seed", "model", "sampling"), IGNORED),
-            **base_model.model_identity(config),
+            **base_model.model_identity(config), **model_setup.lora_identity(config.sampling.lora_path),
             "inputs.prompts": prompts.get(done_marker.FINGERPRINT, "")}
+
+
+def _scheduler(config: Any, model_path: Path) -> schedulers.Scheduler:
+    """The sampler's scheduler from the folder's scheduler_config.json (no model load)."""
+    path = model_path / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_path}: component 'scheduler' has no scheduler_config.json ({path})")
+    scheduler_config = json.loads(path.read_text())
+    s = config.sampling
+    name = schedulers.resolve_name(s.scheduler, scheduler_config, str(path))
+    if name == "lcm" and not s.lora_path and scheduler_config.get("_class_name") != "LCMScheduler":
+        # A few LCM steps of a UNet that was never consistency-distilled give no clean image.
+        logging.warning("sample: sampling.scheduler='lcm' without sampling.lora_path on %s (its scheduler is %s): "
+                        "the UNet must already be LCM-distilled, e.g. with an LCM-LoRA fused in", model_path,
+                        scheduler_config.get("_class_name"))
+    return schedulers.make_scheduler(name, scheduler_config, s.steps, eta=s.eta)
 
 
 def _latent_shape_on_disk(model_path: Path, resolution: int) -> tuple[int, int, int]:
@@ -67,13 +88,13 @@ def _latent_shape_on_disk(model_path: Path, resolution: int) -> tuple[int, int, 
     return candidates.latent_shape(configs["unet"], configs["vae"], resolution, f"({model_path})")
 
 
-def _manifest_row(example: Example, config: Any) -> ManifestRow:
+def _manifest_row(example: Example, config: Any, scheduler: str) -> ManifestRow:
     s = config.sampling
     image, latent = outputs.relative_paths(example.key)
     return ManifestRow(
         prompt_id=example.prompt_id, candidate=example.candidate, seed=example.seed,
         noise_sigma=batching.candidate_noise_sigma(example, s.noise_sigma, s.clean_first_candidate),
-        image=image if s.save_png else "", latent=latent, scheduler=s.scheduler, steps=s.steps,
+        image=image if s.save_png else "", latent=latent, scheduler=scheduler, steps=s.steps,
         cfg=float(s.guidance_scale), instruction=example.instruction)
 
 
@@ -86,13 +107,16 @@ def _global_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int64(value))))
 
 
-def _build_program(config: Any, model_path: Path, mesh: Any) -> tuple[SamplingProgram, Any]:
+def _build_program(config: Any, model_path: Path, scheduler: schedulers.Scheduler,
+                   mesh: Any) -> tuple[SamplingProgram, Any]:
     s = config.sampling
-    sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model))
-    scheduler = make_scheduler(s.scheduler, sd.scheduler_config, s.steps)
+    sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model),
+                               variant=config.model.variant)
     models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png)
+    params = candidates.model_params(sd, s.save_png)
+    params["unet"] = model_setup.sampling_unet_params(sd, s.lora_path, s.lora_scale)
     program = SamplingProgram(
-        models, candidates.model_params(sd, s.save_png), candidates.unconditional(sd), mesh,
+        models, params, candidates.unconditional(sd, s.negative_prompt), mesh,
         batch_size=s.batch_size, microbatch=s.microbatch, token_length=sd.tokenizers[0].model_max_length,
         guidance_scale=s.guidance_scale, param_mode=s.shard_params,
         min_shard_size=int(config.mesh.min_shard_size))
@@ -102,9 +126,11 @@ def _build_program(config: Any, model_path: Path, mesh: Any) -> tuple[SamplingPr
 class _Writer:
     """Turns a finished batch into files and manifest rows (files first, then the row)."""
 
-    def __init__(self, out_dir: Path, config: Any, manifest: outputs.ManifestWriter, rows_before: dict):
+    def __init__(self, out_dir: Path, config: Any, scheduler: str, manifest: outputs.ManifestWriter,
+                 rows_before: dict):
         self.out_dir = out_dir
         self.config = config
+        self.scheduler = scheduler
         self.manifest = manifest
         self.rows_before = rows_before
         self.pool = ThreadPoolExecutor(_WRITER_THREADS)
@@ -120,7 +146,7 @@ class _Writer:
             if not np.isfinite(latent).all():
                 self.failed.append(f"{example.key}: non-finite latents")
                 continue
-            row = _manifest_row(example, self.config)
+            row = _manifest_row(example, self.config, self.scheduler)
             image = rows["images"][i] if "images" in rows else None
             jobs.append((example, row, self.pool.submit(outputs.write_candidate, self.out_dir, row, latent, image)))
         for example, row, job in jobs:
@@ -143,6 +169,7 @@ class _Plan:
     out_dir: Path
     model_path: Path
     family: str
+    scheduler: schedulers.Scheduler
     num_prompts: int
     examples: list[Example]  # every shard's
     shard: ShardSpec
@@ -171,6 +198,8 @@ def _plan(config: Any, workdir: Path, is_lead: bool) -> _Plan:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_base_model_on_every_process(config, workdir)
     family = detect_family(model_path)
+    model_setup.check_lora_settings(s.lora_path, s.lora_scale)
+    scheduler = _scheduler(config, model_path)
     outputs.check_settings(out_dir, settings(config, workdir), write=is_lead, workdir=workdir)
 
     records = read_prompts(prompts_path)
@@ -193,19 +222,20 @@ def _plan(config: Any, workdir: Path, is_lead: bool) -> _Plan:
             logging.warning("sample: regenerating %s: %s", example.key, reason)
         if row is None or reason is not None:
             todo.append(example)
-    return _Plan(out_dir, model_path, family, len(records), examples, shard, mine, todo, damaged, rows_before)
+    return _Plan(out_dir, model_path, family, scheduler, len(records), examples, shard, mine, todo, damaged,
+                 rows_before)
 
 
 def _generate(config: Any, plan: _Plan, mesh: Any, num_batches: int, is_lead: bool) -> _LoopStats:
     """Samples `plan.todo` in `num_batches` fixed-size batches (padding up to the global count)."""
     s = config.sampling
-    program, sd = _build_program(config, plan.model_path, mesh)
+    program, sd = _build_program(config, plan.model_path, plan.scheduler, mesh)
     groups = list(batching.chunked(plan.todo, program.local_batch_size))
     groups += [[None] * program.local_batch_size] * (num_batches - len(groups))  # in step with other processes
     sdxl_resolution = config.model.resolution if plan.family == FAMILY_SDXL else None
     manifest = outputs.ManifestWriter(plan.out_dir / outputs.manifest_name(
         workdir_lib.shard_suffix(plan.shard.index, plan.shard.count)))
-    writer = _Writer(plan.out_dir, config, manifest, plan.rows_before)
+    writer = _Writer(plan.out_dir, config, plan.scheduler.name, manifest, plan.rows_before)
     try:
         with CompileCounter() as counter:
             program.compile()
@@ -276,4 +306,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
           f"{stats.compile_seconds:.1f} s, {stats.compilations} XLA compilation(s)); "
           f"{len(plan.examples) - len(missing)}/{len(plan.examples)} candidates of all shards done -> {plan.out_dir}",
           flush=True)
+    if stats.failed:
+        shown = "; ".join(stats.failed[:3]) + (" ..." if len(stats.failed) > 3 else "")
+        raise CandidatesFailedError(
+            f"sample: {len(stats.failed)} candidate(s) failed ({shown}); the {stats.generated} that "
+            f"succeeded are saved and the stage is not marked done. Re-run `sample` to retry the "
+            f"failed ones; if they fail again the model computes non-finite values (check the "
+            f"weights and model.compute_dtype)")
     return summary

@@ -163,6 +163,11 @@ class LossSpec:
     requires_pair_kind: str | None = None
 
     @property
+    def reads_losers(self) -> bool:
+        """Whether the loss looks at `loser`: SFT records (one image, kind PAIR_SFT) have none."""
+        return any(image == LOSER for image, _ in self.views)
+
+    @property
     def num_views(self) -> int:
         return len(self.views)
 

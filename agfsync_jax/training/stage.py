@@ -18,8 +18,7 @@ from agfsync_jax.errors import MissingInputError, StageChangedError
 from agfsync_jax.storage import Path, PathLike
 
 # Fields that change how a run is logged, saved or laid out on devices, not the weights it reaches.
-IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.nonfinite",
-           "model.tiny_pretrain_steps", "model.tiny_pretrain_batch_size", "model.tiny_pretrain_learning_rate")
+IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.nonfinite") + base_model.COVERED_BY_IDENTITY
 # Where the settings of the run in progress are kept, so that a resume can be checked against them.
 SETTINGS_FILE = "settings.json"
 # Changing these continues the run rather than invalidating it.

@@ -2,8 +2,10 @@
 
     summary = train_and_evaluate(config, workdir)
 
-WORKDIR/train/ holds `checkpoints/<step>/` (orbax), `tensorboard/` (event files) and
-`config.json` (the resolved config of the latest start); the `train` stage adds the done marker. Re-running resumes from the latest checkpoint: parameters, optimizer state,
+WORKDIR/train/ holds `checkpoints/<step>/` (orbax), `tensorboard/` (event files),
+`config.json` (the resolved config of the latest start), and `val_split.json` and `val_samples/`
+when validating (training/validation.py); the `train` stage adds the done marker.
+Re-running resumes from the latest checkpoint: parameters, optimizer state,
 step, RNG key and the data position, so the run continues exactly as if never interrupted. A
 checkpoint that cannot be restored stops the run with the reason; only an empty checkpoint
 directory starts from the base weights.
@@ -33,9 +35,9 @@ from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, StableDiffusion, load_stable_diffusion
 from agfsync_jax.models.text_encoding import sdxl_time_ids
-from agfsync_jax.schemas import PAIR_CROSS
 from agfsync_jax.storage import Path, PathLike
-from agfsync_jax.training import checkpointing, losses, noise as noise_lib, text as text_lib
+from agfsync_jax.training import (
+    checkpointing, losses, noise as noise_lib, pair_kinds, summaries, text as text_lib, validation, validation_split)
 from agfsync_jax.training.train_state import (
     TrainState, abstract_train_state, create_train_state, learning_rate_schedule, make_optimizer,
     train_state_shardings)
@@ -44,6 +46,7 @@ from agfsync_jax.training.train_step import (
 
 CHECKPOINTS = checkpointing.CHECKPOINTS
 TENSORBOARD = "tensorboard"
+VAL_SAMPLES = "val_samples"
 CONFIG_JSON = "config.json"
 NONFINITE_MODES = ("skip", "stop")
 TEXT_MODES = ("in_step", "cached")
@@ -64,22 +67,21 @@ class PairSource(Protocol):
     def restore(self, state: dict[str, Any]) -> None: ...
 
 
-def open_pairs(config: Any, workdir: PathLike) -> PairSource:
-    """This process's slice of WORKDIR/pairs, batched: the loop's only tie to the data format."""
+def open_pairs(config: Any, workdir: PathLike,
+               split: validation_split.Split | None = None) -> PairSource:
+    """This process's slice of WORKDIR/pairs (without the held-out pairs of `split`), batched:
+    the loop's only tie to the data format."""
     from agfsync_jax.pairs.dataset import PairDataset
 
     return PairDataset(storage.as_path(workdir) / workdir_lib.PAIRS, global_batch_size=int(config.train.batch_size),
-                       seed=int(config.train.shuffle_seed))
+                       seed=int(config.train.shuffle_seed), records=None if split is None else split.train)
 
 
 def step_inputs(raw: dict[str, np.ndarray], *, spec: losses.LossSpec, sd: StableDiffusion,
                 text_mode: str, prompt_encoder: text_lib.PromptEncoder | None,
                 resolution: int) -> dict[str, np.ndarray]:
     """A pair-dataset batch -> this process's part of the train step's batch (train_step keys)."""
-    if spec.requires_pair_kind == PAIR_CROSS and not bool(np.all(raw["is_cross"])):
-        ids = [str(p) for p, c in zip(raw["prompt_id"], raw["is_cross"]) if not c]
-        raise ValueError(f"train.loss={spec.name!r} needs InstructEngine cross pairs; these pairs are "
-                         f"not: {ids[:5]}{' ...' if len(ids) > 5 else ''}")
+    pair_kinds.check_batch(spec, raw)
     batch = {losses.WINNER: raw["winner_latent"], losses.LOSER: raw["loser_latent"]}
     texts = (raw["prompt"], raw["prompt_2"])
     for slot in range(spec.num_prompts):
@@ -153,13 +155,10 @@ class _Reporter:
         from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
         tf = tensorflow_cpu_only()
-        from tensorflow.core.framework import summary_pb2
-
         self._tf = tf
-        # tf.summary.scalar needs the tensorboard package; a summary tagged for the scalars plugin
-        # is what it writes, and TensorBoard reads it the same way.
-        self._scalar = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        # tf.summary.scalar needs the tensorboard package; summaries.py writes what it writes.
+        self._scalar = summaries.scalar_metadata()
+        self._samples_dir = train_dir / VAL_SAMPLES
         self._mirror = storage.LocalMirror(train_dir / TENSORBOARD)
         self._writer = tf.summary.create_file_writer(str(self._mirror.local))
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -190,6 +189,22 @@ class _Reporter:
         if "implicit_acc" in metrics:  # losses without a preference (sft) have none
             postfix["acc"] = f"{metrics['implicit_acc']:.3f}"
         self._bar.set_postfix(postfix, refresh=False)
+
+    def write_validation(self, step: int, result: validation.ValidationResult) -> None:
+        """val/<metric> scalars and the val/samples image (also saved as a PNG file)."""
+        if not self.active:
+            return
+        with self._writer.as_default(step=step):
+            for key, value in result.scalars.items():
+                self._tf.summary.write(f"val/{key}", self._tf.constant(value, self._tf.float32), metadata=self._scalar)
+            if result.grid is not None:
+                self._tf.summary.write("val/samples", summaries.image_tensor(self._tf, result.grid),
+                                       metadata=summaries.image_metadata("train.val_prompts (rows) x seeds"))
+        self._writer.flush()
+        if result.grid is not None:
+            atomic_io.atomic_write_bytes(self._samples_dir / f"step-{step:07d}.png", summaries.encode_png(result.grid))
+        logging.info("step %d validation: %s", step, " ".join(f"{k}={v:.4g}" for k, v in result.scalars.items())
+                     or "samples only")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -279,17 +294,27 @@ def train_and_evaluate(config: Any, workdir: PathLike) -> dict[str, Any]:
     total_steps = int(cfg.steps)
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh)  # before loading anything
+    pairs_dir = storage.as_path(workdir) / workdir_lib.PAIRS
+    pair_kinds.check_dataset(losses.get_loss(cfg.loss), pairs_dir)
+    validation.check_config(cfg, validation_split.check_settings(cfg)
+                            or (train_dir / validation_split.SPLIT_FILE).is_file())
     if cfg.loss == "released_code_dpo" and float(cfg.beta) != 1.0:
         logging.warning("train.loss=released_code_dpo with beta=%s; the authors' code uses beta=1", cfg.beta)
     base = resolve_base_model_on_every_process(config, workdir)
+    # The VAE only decodes the validation grid.
     sd = load_stable_diffusion(base, DtypePolicy.from_config(config.model),
-                               components=("unet", "text_encoders"))
+                               components=("unet", "text_encoders") + (("vae",) if cfg.val_prompts else ()),
+                               variant=config.model.variant)
     setup = build_training(config, sd, mesh)
 
-    pairs = open_pairs(config, workdir)
     ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                       save_every=int(cfg.checkpoint_every), keep=int(cfg.keep_checkpoints))
     latest = ckpt.latest_step()
+    split = validation_split.load_or_make_split(cfg, pairs_dir, train_dir, resuming=latest is not None)
+    pairs = open_pairs(config, workdir, split)
+    validator = validation.Validator.build(
+        config, sd, mesh, pairs_dir=pairs_dir, split=split, eval_step=setup.eval_step, frozen=setup.frozen,
+        inputs=setup.inputs, unet_shardings=setup.state_shardings.params)
     if latest is None:
         logging.info("no checkpoint in %s: starting from the base weights of %s", ckpt.directory, base)
         state = setup.initial_state(int(config.seed))
@@ -301,7 +326,8 @@ def train_and_evaluate(config: Any, workdir: PathLike) -> dict[str, Any]:
     if jax.process_index() == 0:
         resolved = dict(config.to_dict(), _resolved={
             "base_model": str(base), "family": sd.family, "mesh": dict(mesh.shape),
-            "process_count": jax.process_count(), "started_at_step": start_step})
+            "process_count": jax.process_count(), "started_at_step": start_step,
+            "held_out_pairs": 0 if split is None else len(split.held_out)})
         atomic_io.atomic_write_json(train_dir / CONFIG_JSON, resolved)
     if start_step >= total_steps:
         logging.info("checkpoint step %d already reaches train.steps=%d", start_step, total_steps)
@@ -309,6 +335,7 @@ def train_and_evaluate(config: Any, workdir: PathLike) -> dict[str, Any]:
     reporter = _Reporter(train_dir, total_steps, start_step)
     history: list[dict[str, jax.Array]] = []
     last: dict[str, float] = {}
+    last_val: dict[str, float] = {}
     window: tuple[float, int] | None = None  # (time, step) of the previous report
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -327,6 +354,10 @@ def train_and_evaluate(config: Any, workdir: PathLike) -> dict[str, Any]:
                 rate = (step - window[1]) / (now - window[0]) if window is not None else None
                 window = (now, step)
                 reporter.write(step, last, rate)
+            if validator is not None and validator.due(step):
+                result = validator(state.params)  # its own data and keys: the run trains as without it
+                last_val = result.scalars
+                reporter.write_validation(step, result)
             if ckpt.should_save(step) or step == total_steps:
                 ckpt.save(step, state, pairs.state())
         ckpt.wait_until_finished()
@@ -337,6 +368,7 @@ def train_and_evaluate(config: Any, workdir: PathLike) -> dict[str, Any]:
     final_step = int(jax.device_get(state.step))
     summary = {"step": final_step, "checkpoint": str(ckpt.directory / str(final_step)),
                "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-               **{k: last[k] for k in ("loss", "implicit_acc") if k in last}}
+               **{k: last[k] for k in ("loss", "implicit_acc") if k in last},
+               **({"val": last_val} if last_val else {})}
     multihost_utils.sync_global_devices("agfsync:train_done")
     return summary

@@ -18,7 +18,9 @@ from typing import Any
 
 from agfsync_jax import storage
 from agfsync_jax.storage import Path, PathLike
+from agfsync_jax.errors import UserError
 from data_prep.judge import protocol
+from data_prep.prompts.chat_backend import LLMEndpointError
 from data_prep.prompts.llm_client import LLMError, OpenAIChatClient
 from data_prep.prompts.response_cache import ResponseCache, request_key
 
@@ -28,7 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FATAL_REASONS = frozenset({"connect_error", "http_401", "http_403", "http_404"})
 
 
-class JudgeEndpointError(RuntimeError):
+class JudgeEndpointError(UserError, RuntimeError):
     """The judge endpoint cannot answer any request (wrong URL, key or model): stop the stage."""
 
 
@@ -109,8 +111,7 @@ class JudgeClient:
         self._http = OpenAIChatClient(
             base_url=base_url, model=model, api_key_env=api_key_env, cache=cache,
             timeout_s=timeout_s, max_retries=max_retries, max_concurrency=max_concurrency,
-            backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s,
-            retry_connect_errors=False)
+            backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s)
         self.stats = self._http.stats
 
     def __repr__(self) -> str:
@@ -143,6 +144,10 @@ class JudgeClient:
             return cached
         try:
             reply = self._http.post(request.wire_body(self.model))
+        except LLMEndpointError as e:
+            raise JudgeEndpointError(
+                f"VLM judge endpoint {self.base_url} (model {self.model!r}) is unusable: {e.cause}. "
+                "Check config.eval.judge.base_url, .model and .api_key_env") from e
         except LLMError as e:
             if e.reason in FATAL_REASONS:
                 raise JudgeEndpointError(

@@ -9,7 +9,17 @@ Formats (config.prompts.benchmark.format):
   partiprompts    PartiPrompts TSV with header `Prompt	Category	Challenge	Note`.
   hpsv2           HPS v2 style prompts: a JSON list of strings per style; the path is one
                   such file or a folder of them, and the file name (the style) is the category.
-  text            plain text, one prompt per line; blank lines are skipped.
+  text            plain text, one prompt per line; blank lines are skipped. A line that is a
+                  JSON object is refused (a JSON-lines file read as text would make its raw
+                  lines the prompts): use `jsonl`.
+  text_dir        a folder of .txt files in the `text` format; the file name without .txt is
+                  the category.
+  jsonl           JSON lines, one object per prompt: the prompt under `prompt_key`, the category
+                  under `category_key` ("" = the file name), and with `questions_key` set, a list
+                  of questions (Question objects, or strings for yes-questions) under that key
+                  (config.prompts.benchmark.prompt_key / category_key / questions_key).
+
+Every format accepts a UTF-8 byte-order mark and CRLF line ends.
 """
 
 from __future__ import annotations
@@ -21,11 +31,14 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import ml_collections
+
 from agfsync_jax import storage
 from agfsync_jax.schemas import PromptRecord, Question, SchemaError
 from agfsync_jax.storage import Path
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_BOM = "\ufeff"
 
 
 class BenchmarkFormatError(ValueError):
@@ -39,7 +52,7 @@ def _line_of(text: str, offset: int) -> int:
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix(_BOM)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise BenchmarkFormatError(f"{path}:{line}: not UTF-8 text") from e
@@ -196,22 +209,99 @@ def load_hpsv2(path: str | Path) -> list[PromptRecord]:
     return _hpsv2_file(path)
 
 
-def load_text(path: str | Path) -> list[PromptRecord]:
-    path = storage.as_path(path)
-    records = []
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line end) of a UTF-8 text file; a BOM is dropped."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise BenchmarkFormatError(f"{path}:{line_no}: not UTF-8 text") from e
-            if _CONTROL.search(line):
-                raise BenchmarkFormatError(f"{path}:{line_no}: control character in a prompt line "
-                                           f"(is this a text file?)")
-            if line.strip():
-                records.append(PromptRecord(id=f"{path.stem}-{len(records):05d}",
-                                            category=path.stem, prompt=line.strip(),
-                                            source="text"))
+            yield line_no, line.removeprefix(_BOM) if line_no == 1 else line
+
+
+def _json_object(line: str) -> dict | None:
+    if not line.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def load_text(path: str | Path) -> list[PromptRecord]:
+    path = storage.as_path(path)
+    records = []
+    for line_no, line in _text_lines(path):
+        if _CONTROL.search(line):
+            raise BenchmarkFormatError(f"{path}:{line_no}: control character in a prompt line "
+                                       f"(is this a text file?)")
+        if _json_object(line) is not None:
+            raise BenchmarkFormatError(
+                f"{path}:{line_no}: this line is a JSON object, not a prompt: for JSON lines use "
+                f"format jsonl (with prompts.benchmark.prompt_key / category_key)")
+        if line.strip():
+            records.append(PromptRecord(id=f"{path.stem}-{len(records):05d}",
+                                        category=path.stem, prompt=line.strip(),
+                                        source="text"))
+    return records
+
+
+def load_text_dir(path: str | Path) -> list[PromptRecord]:
+    path = storage.as_path(path)
+    if not path.is_dir():
+        raise BenchmarkFormatError(f"{path}: format text_dir wants a folder of .txt files")
+    files = sorted(p for p in path.glob("*.txt") if p.is_file())
+    if not files:
+        raise BenchmarkFormatError(f"{path}: folder holds no *.txt files")
+    return [r for f in files for r in load_text(f)]
+
+
+def _jsonl_questions(value: Any, key: str, where: str) -> tuple[Question, ...]:
+    if not isinstance(value, list):
+        raise BenchmarkFormatError(f"{where}: field {key!r} must be a list of questions")
+    questions = []
+    for j, q in enumerate(value):
+        what = f"{where}: {key}[{j}]"
+        if isinstance(q, str):
+            q = {"question": q}
+        if not isinstance(q, dict):
+            raise BenchmarkFormatError(f"{what}: expected a question object or string")
+        try:
+            questions.append(Question.from_dict(q, what))
+        except SchemaError as e:
+            raise BenchmarkFormatError(str(e)) from e
+    return tuple(questions)
+
+
+def load_jsonl(path: str | Path, prompt_key: str = "prompt", category_key: str = "category",
+               questions_key: str = "") -> list[PromptRecord]:
+    path = storage.as_path(path)
+    if not prompt_key:
+        raise ValueError("prompts.benchmark.prompt_key is empty: name the field that holds the prompt")
+    records = []
+    for line_no, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchmarkFormatError(f"{where}: invalid JSON ({e.msg})") from e
+        if not isinstance(item, dict):
+            raise BenchmarkFormatError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        for key, field in ((prompt_key, "prompt_key"), (category_key, "category_key"),
+                           (questions_key, "questions_key")):
+            if key and key not in item:
+                raise BenchmarkFormatError(
+                    f"{where}: no field {key!r} (prompts.benchmark.{field}); the line has "
+                    f"{sorted(item)}")
+        category = _string_field(item, category_key, where) if category_key else path.stem
+        questions = _jsonl_questions(item[questions_key], questions_key, where) if questions_key else ()
+        records.append(PromptRecord(id=f"{path.stem}-{len(records):05d}", category=category,
+                                    prompt=_string_field(item, prompt_key, where), source="jsonl",
+                                    questions=questions))
     return records
 
 
@@ -222,16 +312,29 @@ LOADERS: dict[str, Callable[[str | Path], list[PromptRecord]]] = {
     "partiprompts": load_partiprompts,
     "hpsv2": load_hpsv2,
     "text": load_text,
+    "text_dir": load_text_dir,
+    "jsonl": load_jsonl,
 }
 
 
-def load_benchmark(format_name: str, path: str | Path) -> list[PromptRecord]:
-    """Records of a benchmark file in `format_name` (one of LOADERS)."""
+def jsonl_keys(benchmark: ml_collections.ConfigDict) -> dict[str, str]:
+    """The `jsonl` format's keys from config.prompts.benchmark, as load_benchmark's arguments."""
+    return {"prompt_key": benchmark.prompt_key, "category_key": benchmark.category_key,
+            "questions_key": benchmark.questions_key}
+
+
+def load_benchmark(format_name: str, path: str | Path, prompt_key: str = "prompt",
+                   category_key: str = "category", questions_key: str = "") -> list[PromptRecord]:
+    """Records of a benchmark file in `format_name` (one of LOADERS); the keys are the `jsonl`
+    format's (see the module docstring) and ignored by the others."""
     if format_name not in LOADERS:
         raise ValueError(f"benchmark format {format_name!r} is not one of {sorted(LOADERS)}")
     if not storage.as_path(path).exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
-    records = LOADERS[format_name](path)
+    if format_name == "jsonl":
+        records = load_jsonl(path, prompt_key, category_key, questions_key)
+    else:
+        records = LOADERS[format_name](path)
     if not records:
         raise BenchmarkFormatError(f"{path}: no prompts in this {format_name} file")
     return records

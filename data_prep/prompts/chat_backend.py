@@ -1,9 +1,14 @@
 """What every chat backend shares: the request type, call statistics and the backend interface.
 
 Two backends implement `ChatBackend`: `llm_client.OpenAIChatClient` (any OpenAI-compatible
-HTTP endpoint) and `local_llm.LocalChatLM` (a transformers causal LM from a folder). Callers
-only see `complete_many`, which never raises for a single failed call: it returns None in that
-slot and counts the reason, so one bad prompt cannot stop a stage of thousands.
+HTTP endpoint) and `local_llm.LocalChatLM` (a transformers causal LM from a folder);
+`backend_factory.build_backend` picks one from the config. Callers only see `complete_many`,
+which never raises for a single failed call: it returns None in that slot and counts the
+reason, so one bad prompt cannot stop a stage of thousands. A backend that cannot work at all
+(an endpoint that refuses connections or the API key) raises `LLMEndpointError` instead, at
+once, so a stage does not spend its time retrying thousands of calls that cannot succeed.
+
+This module imports no backend: the backends import it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import ml_collections
-
-from data_prep.prompts.response_cache import ResponseCache
+from agfsync_jax.errors import UserError
 
 
 class LLMError(RuntimeError):
@@ -25,6 +28,15 @@ class LLMError(RuntimeError):
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+
+
+class LLMEndpointError(UserError, RuntimeError):
+    """The backend cannot serve any call (unreachable endpoint, refused key): stop the stage."""
+
+    def __init__(self, url: str, cause: str, fix: str):
+        super().__init__(f"LLM endpoint {url} (config.prompts.llm.base_url): {cause}. {fix}")
+        self.url = url
+        self.cause = cause
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,27 +93,14 @@ class ChatBackend(Protocol):
     stats: CallStats
 
     def complete(self, request: ChatRequest) -> str:
-        """The reply text; raises LLMError when the call fails for good."""
+        """The reply text; raises LLMError when the call fails for good, LLMEndpointError when
+        no call can succeed."""
 
     def complete_many(self, requests: Sequence[ChatRequest], desc: str = "") -> list[str | None]:
-        """Replies in request order; None where the call failed (reason counted in stats)."""
+        """Replies in request order; None where the call failed (reason counted in stats).
+
+        Raises LLMEndpointError when no call can succeed."""
 
     def close(self) -> None:
         """Releases connections or memory; the backend is not used afterwards."""
 
-
-def build_backend(llm: ml_collections.ConfigDict, cache_dir: str, seed: int = 0) -> ChatBackend:
-    """The backend named by `config.prompts.llm.backend`, sharing one response cache."""
-    cache = ResponseCache(cache_dir)
-    if llm.backend == "openai":
-        from data_prep.prompts.llm_client import OpenAIChatClient
-        return OpenAIChatClient(
-            base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env, cache=cache,
-            timeout_s=llm.timeout_s, max_retries=llm.max_retries,
-            max_concurrency=llm.max_concurrency, backoff_initial_s=llm.backoff_initial_s,
-            backoff_max_s=llm.backoff_max_s)
-    if llm.backend == "local":
-        # Imported here: it pulls in PyTorch, which the HTTP backend never needs.
-        from data_prep.prompts.local_llm import LocalChatLM
-        return LocalChatLM(path=llm.local_path, cache=cache, seed=seed)
-    raise ValueError(f"config.prompts.llm.backend is {llm.backend!r}, expected 'openai' or 'local'")

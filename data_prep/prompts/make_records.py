@@ -18,8 +18,9 @@ from agfsync_jax import storage
 from agfsync_jax.schemas import CATEGORIES, KIND_INSTRUCTION_PAIR, PromptRecord, Question
 from data_prep.prompts import (benchmarks, instruct_engine, offline_generator, prompt_generation,
                                question_generation)
+from data_prep.prompts.backend_factory import build_backend
 from data_prep.prompts.categories import category_slug, load_category_examples
-from data_prep.prompts.chat_backend import ChatBackend, build_backend
+from data_prep.prompts.chat_backend import ChatBackend
 from data_prep.prompts.dedup import NearDuplicateFilter
 from data_prep.prompts.json_output import JSONOutputError
 from data_prep.prompts.question_filter import finalize_questions
@@ -155,7 +156,7 @@ class _Shard:
 
     def benchmark_prompts(self) -> None:
         b = self.p.benchmark
-        every = benchmarks.load_benchmark(b.format, b.path)
+        every = benchmarks.load_benchmark(b.format, b.path, **benchmarks.jsonl_keys(b))
         records = [every[i] for i in self.mine(len(every))]
         if b.questions == "file":
             for r in records:

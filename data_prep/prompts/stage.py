@@ -107,6 +107,13 @@ def _build_shard(config: ml_collections.ConfigDict, workdir: str, fp: str, shard
                  marker: Path) -> dict[str, Any]:
     index, count = config.shard.index, config.shard.count
     result = make_shard_records(config, workdir, index, count)
+    if not result.records and (result.dropped or result.llm.get("failed")):
+        # Had work and kept nothing: no marker, so a re-run redoes the shard (cached LLM
+        # replies cost nothing) instead of failing at the merge forever.
+        raise RuntimeError(
+            f"prompts: shard {index}/{count} kept no record (dropped "
+            f"{_counts_text(dict(result.dropped))}; llm calls failed "
+            f"{_counts_text(result.llm.get('failures', {}))}); fix the cause and re-run")
     atomic_write_jsonl(shard_file, [r.to_dict() for r in result.records])
     summary = {"fingerprint": fp, "settings": settings(config), "shard": index, "shards": count, "path": str(shard_file),
                "dropped": dict(result.dropped), "questions_dropped": dict(result.questions_dropped),

@@ -42,7 +42,7 @@ from data_prep.scoring.candidates import BadCandidate, Candidate
 from data_prep.scoring.factory import build_scorers, required_scorers
 from agfsync_jax.pairs.records import shard_filename, tfds_features, write_tfrecord
 from data_prep.scoring.pair_records import pair_example
-from data_prep.scoring.pairs import Pair, select_pairs
+from data_prep.scoring.pairs import BELOW_MARGIN, MISSING_INSTRUCTION, TIE, TOO_FEW, Pair, select_pairs
 from data_prep.scoring.scorer import Scorer, ScoringItem
 from data_prep.scoring.tiny import resolve_scoring_config
 from agfsync_jax.score_weights import resolve_weights, weighted_total
@@ -170,8 +170,7 @@ def _finish_if_complete(wd: Path, shard_count: int, write_pairs: bool, settings:
             reasons.update({f"prompts {k}": len(v) for k, v in s["prompts_without_pair"].items()})
             reasons.update({f"candidates {k}": len(v) for k, v in s["bad_candidates"].items()})
         raise StageFailedError(f"score: no pair survived in {pairs_dir} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}); "
-                               "check the scorer settings (e.g. VQA weight with prompts without questions), "
-                               "scoring.min_margin and the candidates")
+                               + "; ".join(_no_pair_hints(reasons)) + "; then re-run `score` (the stored scores are reused)")
     from agfsync_jax.pairs.metadata import write_tfds_metadata
 
     written = write_tfds_metadata(pairs_dir, shard_count)
@@ -181,6 +180,19 @@ def _finish_if_complete(wd: Path, shard_count: int, write_pairs: bool, settings:
     done_marker.write(pairs_dir, {"pairs": num_pairs, "shards": shard_count},
                       {**settings, "pairing": [s["pairing"] for s in per_shard]})
     return True
+
+
+def _no_pair_hints(reasons: collections.Counter) -> list[str]:
+    hints = []
+    if reasons.get(f"prompts {TOO_FEW}") or reasons.get(f"prompts {MISSING_INSTRUCTION}"):
+        hints.append("fewer than 2 scored candidates per prompt: check sampling.num_candidates and that `sample` "
+                     "finished without failures")
+    if reasons.get(f"candidates {NO_QUESTIONS}"):
+        hints.append("prompts without questions get no VQA score: generate questions "
+                     "(prompts.benchmark.questions=llm) or give VQA no weight (scoring.weights_preset)")
+    if reasons.get(f"prompts {BELOW_MARGIN}") or reasons.get(f"prompts {TIE}"):
+        hints.append("best and worst candidates score (nearly) the same: lower scoring.min_margin")
+    return hints or ["check the scorer settings and the candidates"]
 
 
 def _summary_line(s: dict[str, Any]) -> str:
@@ -224,6 +236,8 @@ def _scores_digest(rows: list[ScoreRow]) -> str:
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Scores this shard's candidates and writes its pairs (unless scoring.pairs is False); see
+    the module docstring."""
     wd = storage.as_path(workdir)
     shard_index, shard_count = int(config.shard.index), int(config.shard.count)
     suffix = workdir_lib.shard_suffix(shard_index, shard_count)

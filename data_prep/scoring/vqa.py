@@ -1,12 +1,16 @@
 """VQA score (TIFA; AGFSync Eq. 2) with a BLIP-2 model from a local folder.
 
-For each candidate the model answers the prompt's questions (AGFSync's are all yes-questions);
-the score is 100 x the mean over questions of:
+For each candidate the model answers the prompt's questions (AGFSync's are all yes-questions;
+TIFA's own are yes/no and multiple-choice); the score is 100 x the mean over questions of:
 
-* likelihood mode (default, deterministic): P(answer | image, question) restricted to yes/no,
-  P(yes) / (P(yes) + P(no)) from the next-token logits after "Question: ... Answer:". "yes" is
-  the total probability of its single-token spellings ("yes", " yes", "Yes", " Yes"); same for
-  "no". This is a soft version of the paper's accuracy that does not throw away the margin.
+* likelihood mode (default, deterministic): yes/no questions, P(answer | image, question)
+  restricted to yes/no, P(yes) / (P(yes) + P(no)) from the next-token logits after
+  "Question: ... Answer:". "yes" is the total probability of its single-token spellings ("yes",
+  " yes", "Yes", " Yes"); same for "no". This is a soft version of the paper's accuracy that
+  does not throw away the margin. Multiple-choice questions (TIFA's protocol): the likelihood
+  of each choice as the whole answer (its tokens, then the language model's end token), the
+  question's credit is the expected choice's share of the choices' likelihoods, and it is
+  correct when the expected choice is the most likely.
 * generate mode (the paper's accuracy): greedy-decode an answer and count it correct when it
   parses to the expected answer. Parsing is strict: the first word of the lower-cased answer
   must *be* "yes" or "no" ("Yes, it is" -> yes; "nothing", "yesterday", "b" -> no answer).
@@ -75,6 +79,25 @@ def likelihood_answer(question: Question, p_yes: float) -> VqaAnswer:
     return VqaAnswer(question=question.question, element_type=question.element_type, expected=question.answer,
                      answer=answer, is_yes=is_yes, p_yes=p_yes, correct=answer == expected,
                      credit=p_yes if expected == "yes" else 1.0 - p_yes)
+
+
+def choice_answer(question: Question, log_likelihoods: Sequence[float]) -> VqaAnswer:
+    """A multiple-choice question answered by its choices' log-likelihoods (one per choice):
+    the answer is the most likely choice (the first on a tie); credit P(expected choice), the
+    likelihoods normalised over the choices."""
+    if len(log_likelihoods) != len(question.choices):
+        raise ValueError(f"{question.question!r}: {len(log_likelihoods)} likelihoods for "
+                         f"{len(question.choices)} choices")
+    logp = np.asarray(log_likelihoods, dtype=np.float64)
+    if not np.all(np.isfinite(logp)):
+        raise ValueError(f"{question.question!r}: non-finite choice log-likelihoods {logp.tolist()}")
+    probs = np.exp(logp - logp.max())
+    probs /= probs.sum()
+    answer = question.choices[int(np.argmax(logp))]
+    expected = question.choices.index(question.answer)
+    return VqaAnswer(question=question.question, element_type=question.element_type, expected=question.answer,
+                     answer=answer, is_yes=answer.lower() == "yes", p_yes=None,
+                     correct=answer == question.answer, credit=float(min(1.0, probs[expected])))
 
 
 def generated_answer(question: Question, text: str) -> VqaAnswer:
@@ -183,6 +206,55 @@ class VqaScorer(Scorer):
             out.append(torch.sigmoid(yes - no).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,))
 
+    def _choice_ids(self, choice: str) -> list[int]:
+        """The tokens of `choice` as a whole answer: its text (after a space for decoder-only
+        models, which continue "Answer:"), then the language model's end token if it has one."""
+        text = " " + choice if self.decoder_only else choice
+        ids = list(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"{self.path}: the choice {choice!r} tokenizes to nothing")
+        end = self.model.config.text_config.eos_token_id
+        return ids + ([int(end)] if end is not None else [])
+
+    @torch.no_grad()
+    def choice_log_likelihoods(self, images: Sequence[Image.Image], questions: Sequence[str],
+                               choices: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Per (image, question), log P(choice | image, question) of each of its choices."""
+        rows = [(i, self._choice_ids(c)) for i, cs in enumerate(choices) for c in cs]
+        pad = self.processor.tokenizer.pad_token_id or 0
+        totals: list[float] = []
+        for sl in batches(len(rows), self.batch_size):
+            chunk = rows[sl]
+            enc = self._inputs([images[i] for i, _ in chunk], [questions[i] for i, _ in chunk])
+            width = max(len(ids) for _, ids in chunk)
+            target = torch.full((len(chunk), width), pad, dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+            for r, (_, ids) in enumerate(chunk):
+                target[r, :len(ids)] = torch.tensor(ids, device=self.device)
+                mask[r, :len(ids)] = 1
+            if self.decoder_only:
+                # Prompts are left-padded, so every row's prompt ends at the same position and the
+                # choice follows it; padding after the choice cannot affect it (causal attention).
+                start = enc["input_ids"].shape[1]
+                logits = self.model(
+                    pixel_values=enc["pixel_values"], input_ids=torch.cat([enc["input_ids"], target], dim=1),
+                    attention_mask=torch.cat([enc["attention_mask"], mask], dim=1)).logits
+                logits = logits[:, start - 1:start - 1 + width]
+            else:
+                first = self.model.config.text_config.decoder_start_token_id
+                if first is None:
+                    raise ValueError(f"{self.path}: text_config.decoder_start_token_id is not set")
+                decoder_input_ids = torch.cat(
+                    [torch.full((len(chunk), 1), first, dtype=torch.long, device=self.device), target[:, :-1]], dim=1)
+                logits = self.model(**enc, decoder_input_ids=decoder_input_ids).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[..., None])[..., 0]
+            totals += (logp * mask).sum(dim=1).double().cpu().tolist()
+        out, k = [], 0
+        for cs in choices:
+            out.append(np.array(totals[k:k + len(cs)]))
+            k += len(cs)
+        return out
+
     @torch.no_grad()
     def generate_answers(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
         """Greedy answers, prompt stripped, special tokens removed."""
@@ -204,9 +276,6 @@ class VqaScorer(Scorer):
             if not item.questions:
                 raise ValueError(f"VQA scoring needs questions; the item for {item.text!r} has none")
             for q in item.questions:
-                if self.mode == "likelihood" and not q.is_yes_no:
-                    raise ValueError(f"likelihood-mode VQA handles yes/no questions only; got {q.question!r} "
-                                     f"with choices {list(q.choices)} (use scoring.vqa_mode=generate)")
                 images.append(item.image)
                 texts.append(q.question)
                 owners.append(i)
@@ -214,7 +283,18 @@ class VqaScorer(Scorer):
         if not texts:
             return []
         if self.mode == "likelihood":
-            results = [likelihood_answer(q, float(p)) for q, p in zip(expected, self.yes_probabilities(images, texts))]
+            results: list[VqaAnswer | None] = [None] * len(texts)
+            yes_no = [k for k, q in enumerate(expected) if q.is_yes_no]
+            multiple = [k for k, q in enumerate(expected) if not q.is_yes_no]
+            if yes_no:
+                p_yes = self.yes_probabilities([images[k] for k in yes_no], [texts[k] for k in yes_no])
+                for k, p in zip(yes_no, p_yes):
+                    results[k] = likelihood_answer(expected[k], float(p))
+            if multiple:
+                logps = self.choice_log_likelihoods([images[k] for k in multiple], [texts[k] for k in multiple],
+                                                    [expected[k].choices for k in multiple])
+                for k, logp in zip(multiple, logps):
+                    results[k] = choice_answer(expected[k], logp)
         else:
             results = [generated_answer(q, a) for q, a in zip(expected, self.generate_answers(images, texts))]
         per_item: list[list[VqaAnswer]] = [[] for _ in items]

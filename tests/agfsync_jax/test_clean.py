@@ -38,6 +38,7 @@ def test_clean_of_an_unknown_stage_names_the_choices(tmp_path):
         clean.run_clean("scoer", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_console_script_cleans_without_a_config(tmp_path):
     (tmp_path / "train").mkdir()
     proc = subprocess.run([sys.executable, "-m", "agfsync_jax.main", "clean", "train", f"--workdir={tmp_path}"],

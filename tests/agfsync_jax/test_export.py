@@ -87,3 +87,63 @@ def test_flax_msgpack_export_round_trips(tiny_sd1_path, tiny_sd1, tmp_path):
     assert len(flat_a) == len(flat_b)
     for a, b in zip(flat_a, flat_b):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_copies_only_the_pipeline_components(tiny_sd1_path, tiny_sd1, tmp_path):
+    """A Hub snapshot holds more than the pipeline: an original checkpoint at the root, docs,
+    folders the pipeline does not name, Flax and fp16 copies of the weights. None of it is copied."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    base = shutil.copytree(tiny_sd1_path, tmp_path / "snapshot")
+    (base / "v1-5-pruned.safetensors").write_bytes(b"\0" * 4096)  # stands in for a multi-GB file
+    (base / "README.md").write_text("model card")
+    (base / ".gitattributes").write_text("*.safetensors filter=lfs")
+    (base / "original").mkdir()
+    (base / "original" / "config.yaml").write_text("model: {}")
+    (base / "vae" / "diffusion_flax_model.msgpack").write_bytes(b"\0" * 64)
+    shutil.copy(base / "text_encoder" / "model.safetensors", base / "text_encoder" / "model.fp16.safetensors")
+    index = json.loads((base / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]  # named, not there
+    (base / "model_index.json").write_text(json.dumps(index))
+
+    out = export.export_pipeline(base, tiny_sd1.unet.params, tmp_path / "export")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(
+        ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+         "text_encoder/model.safetensors", "unet/config.json", f"unet/{export.UNET_WEIGHTS}",
+         "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+        + [f"tokenizer/{p.name}" for p in (base / "tokenizer").iterdir()])
+    exported_index = json.loads((out / "model_index.json").read_text())
+    assert exported_index["safety_checker"] == [None, None]
+    StableDiffusionPipeline.from_pretrained(out)  # whole as far as diffusers is concerned
+
+    shutil.rmtree(base / "scheduler")
+    with pytest.raises(FileNotFoundError, match=r"components \['scheduler'\]"):
+        export.export_pipeline(base, tiny_sd1.unet.params, tmp_path / "export2")
+    assert not (tmp_path / "export2").exists()
+
+
+def test_export_of_a_variant_base_loads_without_the_variant(tiny_sd1_path, tiny_sd1, tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    base = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_sd1_path, torch_dtype=torch.float16).save_pretrained(
+        base, variant="fp16")
+    out = export.export_pipeline(base, tiny_sd1.unet.params, tmp_path / "export", variant="fp16")
+    assert not list(out.rglob("*.fp16.*"))
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    reference = AutoencoderKL.from_pretrained(base / "vae", variant="fp16")
+    for (k, a), b in zip(pipe.vae.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a.float(), b.float()), k
+
+
+def test_export_refuses_a_component_without_the_variant(tiny_sd1_path, tiny_sd1, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_sd1_path, tmp_path / "plain")  # plain files only, no fp16
+    with pytest.raises(FileNotFoundError, match=r"text_encoder: no variant 'fp16' weights file"):
+        export.export_pipeline(base, tiny_sd1.unet.params, tmp_path / "export", variant="fp16")
+    assert not (tmp_path / "export").exists()

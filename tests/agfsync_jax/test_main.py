@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ def test_usage_lists_every_stage_of_the_table():
         assert f"  {stage.name} " in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line_with_the_fix_and_exit_status_2(tmp_path):
     proc = _cli("export", f"--config={CONFIG}", f"--workdir={tmp_path}")
     assert proc.returncode == 2
@@ -36,6 +39,7 @@ def test_a_user_error_is_one_line_with_the_fix_and_exit_status_2(tmp_path):
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     code = f"""
 import sys, types

@@ -33,6 +33,7 @@ def test_make_mesh_rejects_bad_shapes():
         sharding.make_mesh(ml_collections.ConfigDict({"data": n + 1, "fsdp": 1}))
 
 
+@pytest.mark.slow
 def test_fsdp_unet_forward_on_8_devices_equals_single_device(run_python, tiny_sd1_path):
     code = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, numpy as np, ml_collections

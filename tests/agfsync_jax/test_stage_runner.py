@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agfsync_jax import main, stage_runner
 from configs import tiny
 
@@ -17,6 +19,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_child_stage_gets_the_parents_resolved_config_and_returns_its_summary(tmp_path):
     config = tiny.get_config()
     config.prompts.per_category = 1
@@ -37,6 +40,7 @@ def test_the_child_command_and_environment(tmp_path):
     assert env[main.SUMMARY_ENV] == str(tmp_path / "s.json") and env["PYTHONPATH"].split(":")[0] == str(REPO)
 
 
+@pytest.mark.slow
 def test_the_scoring_stage_process_never_imports_jax():
     proc = _python("import sys; import data_prep.scoring.stage, data_prep.scoring.factory; "
                    "print(json.dumps(sorted(m for m in ('jax', 'jaxlib', 'flax') if m in sys.modules)))"
@@ -45,6 +49,7 @@ def test_the_scoring_stage_process_never_imports_jax():
     assert json.loads(proc.stdout) == []
 
 
+@pytest.mark.slow
 def test_the_pipeline_process_itself_imports_neither_jax_nor_torch(tmp_path):
     """Every stage runs in a child: the orchestrating process holds no accelerator memory."""
     code = f"""
@@ -62,9 +67,8 @@ print(json.dumps({{"calls": calls, "loaded": sorted(m for m in ("jax", "torch", 
     assert result == {"calls": ["prompts", "sample", "score", "train", "export", "eval"], "loaded": []}
 
 
+@pytest.mark.slow
 def test_a_failing_child_raises_naming_the_stage(tmp_path):
-    import pytest
-
     from agfsync_jax.errors import StageFailedError
 
     with pytest.raises(StageFailedError, match="stage sample failed in its process"):

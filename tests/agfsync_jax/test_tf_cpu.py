@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_tensorflow_first_then_pytorch_models_does_not_crash():
     code = ("from agfsync_jax.tf_cpu import tensorflow_cpu_only; tf = tensorflow_cpu_only(); "
             "from transformers import CLIPModel; import torch; print('ok', tf.config.get_visible_devices('GPU'))")

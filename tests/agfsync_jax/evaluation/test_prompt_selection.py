@@ -15,8 +15,8 @@ def _records(counts: dict[str, int]) -> list[PromptRecord]:
 
 def test_allocation_is_proportional_and_sums_to_the_request():
     counts = {"a": 200, "b": 100, "c": 7}
-    sizes = prompt_selection.allocate(counts, 30)
-    assert sum(sizes.values()) == 30 and sizes["a"] == 20 and sizes["b"] == 10 - (sizes["c"] > 0)
+    # Quotas 19.54, 9.77, 0.68: floors 19, 9, 0, then the two largest remainders (c, b) get one more.
+    assert prompt_selection.allocate(counts, 30) == {"a": 19, "b": 10, "c": 1}
     assert prompt_selection.allocate(counts, 1000) == counts
 
 

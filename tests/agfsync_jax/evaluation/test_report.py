@@ -93,3 +93,21 @@ def test_report_without_vqa_answers_and_mismatched_element_types(tmp_path):
                           base_image=paths[0], finetuned_image=paths[1])
     with pytest.raises(ValueError, match="prompt 'p0': the base model's VQA answers have element types"):
         report.compute_metrics([bad])
+
+
+def test_paper_table_formats_from_metrics():
+    from agfsync_jax.evaluation import paper_tables
+
+    metrics = {
+        "win_rates": {"anime": {"clip": 0.6, "aesthetic": 0.774, "hps": 0.5, "total": 0.6},
+                      "all": {"clip": 0.572, "aesthetic": 0.667, "hps": 0.55, "total": 0.6}},
+        "scores": {"base": {"vqa": {"mean": 76.6}, "aesthetic": {"mean": 44.6}},
+                   "finetuned": {"vqa": {"mean": 77.9}, "aesthetic": {"mean": 47.9}}},
+    }
+    t1 = paper_tables.table1_markdown(metrics)
+    assert "| category | CLIP | Aes. | HPS v2 |" in t1 and "| anime | 60.0% | 77.4% | 50.0% |" in t1
+    t3 = paper_tables.table3_markdown(metrics)
+    # The paper's SD v1.4 row: 77.9 (+1.3), 47.9 (+3.3), sum +4.6.
+    assert "| finetuned | 77.9 (+1.3) | 47.9 (+3.3) | +4.6 |" in t3
+    del metrics["win_rates"]["all"]["hps"], metrics["win_rates"]["anime"]["hps"]
+    assert "HPS v2" not in paper_tables.table1_markdown(metrics)

@@ -12,6 +12,7 @@ import pytest
 from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["tiny_sd1", "tiny_sdxl"])
 def test_fused_attention_matches_diffusers_forward_and_gradient(family, request, unet_inputs):
     sd = request.getfixturevalue(family)

@@ -184,3 +184,21 @@ def test_not_a_pipeline_folder(tiny_sd1_path, tmp_path):
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(loading.ModelFolderError, match="KandinskyPipeline"):
         loading.detect_family(broken)
+
+
+def test_guidance_embedding_unet_is_refused_naming_the_field(tiny_sd1_path, tmp_path):
+    """An LCM-distilled UNet (time_cond_proj_dim: the guidance scale enters the timestep
+    embedding) has weights and an input that diffusers' Flax UNet lacks: refused, not run without."""
+    from diffusers import UNet2DConditionModel
+
+    lcm = tmp_path / "lcm-unet"
+    shutil.copytree(tiny_sd1_path, lcm)
+    cfg = {k: v for k, v in json.loads((lcm / "unet" / "config.json").read_text()).items() if not k.startswith("_")}
+    unet = UNet2DConditionModel(**{**cfg, "time_cond_proj_dim": 16})
+    assert any("cond_proj" in k for k in unet.state_dict())
+    shutil.rmtree(lcm / "unet")
+    unet.save_pretrained(lcm / "unet", safe_serialization=True)
+    with pytest.raises(loading.ModelFolderError) as e:
+        loading.load_stable_diffusion(lcm)
+    msg = str(e.value)
+    assert "time_cond_proj_dim=16" in msg and str(lcm / "unet" / "config.json") in msg and "LCM-LoRA" in msg

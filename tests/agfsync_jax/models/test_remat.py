@@ -15,6 +15,7 @@ from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 
 @pytest.mark.parametrize("family,scope,attention", [
     ("tiny_sd1", "layers", "diffusers"), ("tiny_sdxl", "blocks", "fused")])
+@pytest.mark.slow
 def test_per_module_remat_keeps_outputs_and_gradients(family, scope, attention, request, unet_inputs):
     sd = request.getfixturevalue(family)
     x, t, cond, target = unet_inputs(sd)

@@ -126,6 +126,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_slices_and_resume(pair_dir, tmp_path):
     path, latents = pair_dir
     worker = tmp_path / "worker.py"

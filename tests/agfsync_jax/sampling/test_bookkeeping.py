@@ -113,7 +113,9 @@ def test_manifest_writer_repairs_a_torn_tail(tmp_path):
 def test_settings_change_is_refused_naming_the_field(tmp_path):
     outputs.check_settings(tmp_path, {"steps": 50, "noise_sigma": 0.1}, write=True)
     outputs.check_settings(tmp_path, {"steps": 50, "noise_sigma": 0.1}, write=True)
-    with pytest.raises(ValueError, match="steps: 50 -> 20"):
+    from agfsync_jax.errors import StageChangedError
+
+    with pytest.raises(StageChangedError, match="steps: 50 -> 20.*`agfsync-jax clean sample"):
         outputs.check_settings(tmp_path, {"steps": 20, "noise_sigma": 0.1}, write=True)
 
 

@@ -29,15 +29,15 @@ def _spy(models):
     def record(context, text_embeds):
         calls.append((np.asarray(context), None if text_embeds is None else np.asarray(text_embeds)))
 
-    def eps_fn(params, x, t, context, added):
-        jax.debug.callback(record, context, None if added is None else added["text_embeds"])
-        return models.eps_fn(params, x, t, context, added)
-    return dataclasses.replace(models, eps_fn=eps_fn), calls
+    def denoise_fn(params, x, t, cond):
+        jax.debug.callback(record, cond.embeds, cond.pooled)
+        return models.denoise_fn(params, x, t, cond)
+    return dataclasses.replace(models, denoise_fn=denoise_fn), calls
 
 
-def _setup(sd):
-    sched = schedulers.make_scheduler("ddim", sd.scheduler_config, STEPS)
-    models = candidates.candidate_models(sd, sched, TINY_RESOLUTION, 7.5, decode_images=False)
+def _setup(sd, scheduler="ddim", guidance=7.5, negative_prompt=""):
+    sched = schedulers.make_scheduler(scheduler, sd.scheduler_config, STEPS)
+    models = candidates.candidate_models(sd, sched, TINY_RESOLUTION, guidance, decode_images=False)
     models, calls = _spy(models)
     sampling = ml_collections.ConfigDict(dict(noise_sigma=SIGMA, clean_first_candidate=True, pooled_noise_sigma=0.0,
                                               shared_initial_latents=False))
@@ -48,8 +48,8 @@ def _setup(sd):
     # embedding noise alone.
     batch["latent_keys"][:] = batch["latent_keys"][0]
     params = candidates.model_params(sd, decode_images=False)
-    uncond = candidates.unconditional(sd)
-    run = jax.jit(lambda params, batch: candidates.generate(models, params, batch, uncond, 7.5)["latents"])
+    uncond = candidates.unconditional(sd, negative_prompt)
+    run = jax.jit(lambda params, batch: candidates.generate(models, params, batch, uncond, guidance)["latents"])
     clean = jax.jit(lambda params, batch: candidates.conditioning(models, params["text"], batch))(params, batch)
     return run, params, batch, uncond, clean, calls
 
@@ -89,3 +89,73 @@ def test_noise_goes_on_the_conditional_branch_only(family, request):
     np.testing.assert_array_equal(latents[1], latents[0])
     np.testing.assert_array_equal(latents[2], latents[0])
     assert run._cache_size() == 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_lcm_at_guidance_one_runs_one_conditional_unet_call_per_step(family, request):
+    """The LCM-LoRA recipe (guidance 1): no classifier-free guidance batch, B rows per call."""
+    sd = request.getfixturevalue(f"tiny_{family}")
+    run, params, batch, _, clean, calls = _setup(sd, scheduler="lcm", guidance=1.0)
+    batch["embeds_sigma"][:] = 0.0
+    np.asarray(run(params, batch))
+    jax.effects_barrier()  # every debug callback has run
+    assert len(calls) == STEPS
+    for context, pooled in calls:
+        np.testing.assert_allclose(context, np.asarray(clean.embeds), atol=1e-6)  # B rows, all conditional
+        if family == "sdxl":
+            np.testing.assert_allclose(pooled, np.asarray(clean.pooled), atol=1e-6)
+
+
+def test_step_noise_comes_from_each_candidates_own_key(tiny_sd1):
+    """Same initial latents and embeddings everywhere: LCM candidates then differ only through
+    their step-noise keys; equal keys give bitwise equal candidates."""
+    run, params, batch, _, _, _ = _setup(tiny_sd1, scheduler="lcm", guidance=1.0)
+    batch["embeds_sigma"][:] = 0.0
+    assert len(set(map(tuple, batch["step_noise_keys"]))) == NUM  # host_batch: one key per candidate
+    latents = np.asarray(run(params, batch))
+    assert not np.array_equal(latents[0], latents[1]) and not np.array_equal(latents[1], latents[2])
+    batch["step_noise_keys"][2] = batch["step_noise_keys"][0]
+    again = np.asarray(run(params, batch))
+    np.testing.assert_array_equal(again[2], again[0])
+    np.testing.assert_array_equal(again[:2], latents[:2])  # other rows untouched: deterministic
+    # DDIM (eta 0) ignores the step-noise keys altogether.
+    run, params, batch, _, _, _ = _setup(tiny_sd1, scheduler="ddim")
+    before = np.asarray(run(params, batch))
+    batch["step_noise_keys"][:] = 7
+    np.testing.assert_array_equal(np.asarray(run(params, batch)), before)
+
+
+def test_shared_initial_latents_also_share_the_step_noise(tiny_sd1):
+    """As in the authors' sampler (one default-seeded generator per call), candidate i of every
+    prompt gets the same initial latents and the same step noise; otherwise each its own."""
+    examples = [Example(p, 0, 0, c, "a cat", 100 * i + c) for i, p in enumerate(["p0", "p1"]) for c in range(2)]
+
+    def keys(shared):
+        sampling = ml_collections.ConfigDict(dict(noise_sigma=SIGMA, clean_first_candidate=False,
+                                                  pooled_noise_sigma=0.0, shared_initial_latents=shared))
+        batch = batching.host_batch(examples, tokenizers=tiny_sd1.tokenizers, sampling=sampling, global_seed=0,
+                                    sdxl_resolution=None)
+        return batch["latent_keys"], batch["step_noise_keys"]
+
+    for k in keys(shared=True):
+        np.testing.assert_array_equal(k[0], k[2])  # candidate 0 of p0 and p1
+        assert not np.array_equal(k[0], k[1])
+    latent_keys, step_keys = keys(shared=False)
+    assert len({tuple(k) for k in step_keys}) == 4 and not np.array_equal(latent_keys, step_keys)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_negative_prompt_is_the_unconditional_branch(family, request):
+    sd = request.getfixturevalue(f"tiny_{family}")
+    run, params, batch, uncond, _, calls = _setup(sd, negative_prompt="blurry, low quality")
+    default = candidates.unconditional(sd)
+    assert not np.allclose(uncond.embeds, default.embeds)
+    if family == "sdxl":  # a negative prompt replaces SDXL's zeros, pooled embedding included
+        assert np.abs(uncond.pooled).max() > 0 and not np.allclose(uncond.pooled, default.pooled)
+    np.asarray(run(params, batch))
+    jax.effects_barrier()  # every debug callback has run
+    for context, pooled in calls:
+        for row in context[0::2]:
+            np.testing.assert_array_equal(row, uncond.embeds[0])
+        if family == "sdxl":
+            np.testing.assert_array_equal(pooled[0::2], np.broadcast_to(uncond.pooled, pooled[0::2].shape))

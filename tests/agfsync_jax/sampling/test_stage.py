@@ -221,6 +221,7 @@ def _stage_script(workdir: Path, model_path: Path, batch_size: int, mesh: str = 
     """)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(reference, run_python, tiny_sd1_path, tmp_path):
     """Replicated parameters: bitwise equal to one device. FSDP-sharded parameters: XLA may split
     contractions across devices, so only numerically equal (documented in program.py)."""
@@ -241,6 +242,7 @@ def test_eight_devices_match_one_device(reference, run_python, tiny_sd1_path, tm
         assert diff < 1e-4, f"{_key(row)}: FSDP latents differ by {diff}"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume(reference, tiny_sd1_path, tmp_path):
     from agfsync_jax.sampling import stage
 
@@ -276,6 +278,111 @@ def test_changed_settings_are_refused(reference, tiny_sd1_path, tmp_path):
     copy = shutil.copytree(reference[0], tmp_path / "changed")
     config = _config(tiny_sd1_path, batch_size=4)
     config.sampling.noise_sigma = 0.2
-    with pytest.raises(ValueError, match="noise_sigma: 0.1 -> 0.2"):
+    with pytest.raises(RuntimeError, match="sampling.noise_sigma: 0.1 -> 0.2.*agfsync-jax clean sample"):
         stage.run(config, str(copy))
 
+
+@pytest.mark.parametrize("field,value,change", [
+    ("eta", 0.3, "sampling.eta: 0.0 -> 0.3"),
+    ("negative_prompt", "blurry", "sampling.negative_prompt: '' -> 'blurry'"),
+    ("scheduler", "", "sampling.scheduler: 'ddim' -> ''"),  # "" is the folder's PNDM here
+])
+def test_changed_sampler_settings_are_refused(reference, tiny_sd1_path, tmp_path, field, value, change):
+    from agfsync_jax.errors import StageChangedError
+    from agfsync_jax.sampling import stage
+
+    copy = shutil.copytree(reference[0], tmp_path / "changed")
+    settings = json.loads((copy / workdir_lib.CANDIDATES / outputs.SETTINGS_FILE).read_text())
+    assert {f"sampling.{k}" for k in ("eta", "negative_prompt", "lora_path", "lora_scale")} <= set(settings)
+    config = _config(tiny_sd1_path, batch_size=4)
+    config.sampling[field] = value
+    with pytest.raises(StageChangedError, match=change):
+        stage.run(config, str(copy))
+
+
+def test_lora_path_is_checked_and_never_silently_ignored(tiny_sd1_path, tmp_path):
+    from agfsync_jax.sampling import model_setup, stage
+
+    config = _config(tiny_sd1_path, batch_size=4)
+    config.sampling.lora_path = str(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="sampling.lora_path"):
+        stage.run(config, str(_new_workdir(tmp_path / "missing")))
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"")
+    config.sampling.lora_path = str(lora)
+    with pytest.raises(model_setup.LoraNotConnectedError, match="sampling.lora_path"):
+        stage.run(config, str(_new_workdir(tmp_path / "lora")))
+    config.sampling.lora_path = ""
+    config.sampling.lora_scale = 0.5
+    with pytest.raises(ValueError, match="sampling.lora_scale"):
+        stage.run(config, str(_new_workdir(tmp_path / "scale")))
+
+
+def test_lcm_folder_is_sampled_with_lcm_by_default(tiny_sd1_path, tmp_path):
+    """A folder whose scheduler_config.json names LCMScheduler, `sampling.scheduler=""`: LCM at
+    guidance 1, recorded as such in every manifest row, deterministic across runs."""
+    from diffusers import LCMScheduler, PNDMScheduler
+
+    from agfsync_jax.sampling import stage
+
+    folder = shutil.copytree(tiny_sd1_path, tmp_path / "lcm-folder")
+    LCMScheduler.from_config(PNDMScheduler.from_pretrained(folder / "scheduler").config).save_pretrained(
+        folder / "scheduler")
+    config = _config(folder, batch_size=4)
+    config.sampling.scheduler = ""
+    config.sampling.guidance_scale = 1.0
+    config.sampling.steps = 2
+    first = stage.run(config, str(_new_workdir(tmp_path / "a")))
+    assert first["complete"] and first["generated"] == NUM_EXAMPLES and first["xla_compilations"] == 1
+    rows = _manifest_rows(tmp_path / "a")
+    assert {r["scheduler"] for r in rows} == {"lcm"} and {r["cfg"] for r in rows} == {1.0}
+    stage.run(config, str(_new_workdir(tmp_path / "b")))
+    _assert_same_candidates(tmp_path / "b", tmp_path / "a")
+
+
+def test_sdxl_lcm_lora_config_gives_the_authors_sampler(tiny_sdxl_path):
+    """configs/sdxl_lcm_lora.py on an SDXL folder (Euler scheduler config): LCM, 5 steps of the
+    50-point distillation schedule, no classifier-free guidance."""
+    from configs import sdxl_lcm_lora
+
+    from agfsync_jax.sampling import stage
+
+    config = sdxl_lcm_lora.get_config()
+    sched = stage._scheduler(config, tiny_sdxl_path)
+    assert sched.name == "lcm" and sched.needs_step_noise
+    np.testing.assert_array_equal(sched.timesteps, [999, 799, 599, 399, 199])
+    assert config.sampling.guidance_scale == 1.0 and config.sampling.lora_path == ""
+
+
+def test_failed_candidates_make_the_stage_fail_after_saving_the_rest(reference, tiny_sd1_path, tmp_path,
+                                                                    monkeypatch):
+    """Non-finite latents: the other candidates are written, the run raises, no done marker; a
+    re-run retries exactly the failed ones."""
+    from agfsync_jax.sampling import stage
+
+    workdir, _ = reference
+    copy = shutil.copytree(workdir, tmp_path / "failing")
+    out = copy / workdir_lib.CANDIDATES
+    for path in outputs.manifest_files(out):
+        path.unlink()  # forget every row: all 8 are sampled again
+    (out / workdir_lib.DONE_MARKER).unlink()
+
+    write = stage._Writer.write
+
+    def poison_first(self, group, rows):
+        """What a model that overflows does to some candidates: NaN latents."""
+        rows = dict(rows, latents=np.array(rows["latents"]))
+        rows["latents"][0] = np.nan
+        return write(self, group, rows)
+
+    monkeypatch.setattr(stage._Writer, "write", poison_first)
+    with pytest.raises(stage.CandidatesFailedError, match=r"2 candidate\(s\) failed .*non-finite latents"):
+        stage.run(_config(tiny_sd1_path, batch_size=4), str(copy))
+    assert len(_manifest_rows(copy)) == NUM_EXAMPLES - 2  # the rest were saved
+    assert not (out / workdir_lib.DONE_MARKER).exists()
+
+    monkeypatch.setattr(stage._Writer, "write", write)
+    summary = stage.run(_config(tiny_sd1_path, batch_size=4), str(copy))
+    assert summary["generated"] == 2 and summary["complete"] and summary["failed"] == 0
+    assert (out / workdir_lib.DONE_MARKER).is_file()
+    _assert_same_candidates(copy, workdir)

@@ -45,6 +45,7 @@ def test_random_captions_are_reproducible_text():
     assert all(1 <= len(c.split()) <= 12 and c.replace(" ", "").isalpha() for c in a)
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_denoising_loss(tiny_sd1):
     params, losses = tiny_pretrain.pretrain_unet(tiny_sd1, steps=40, batch_size=16, learning_rate=1e-3, seed=0)
     # Random weights: about 1.15 at the first step (measured); after 40 steps the loss is well below.
@@ -56,6 +57,7 @@ def test_pretraining_lowers_the_denoising_loss(tiny_sd1):
     assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_pretraining_runs_for_sdxl_and_is_deterministic(tiny_sdxl):
     a, losses_a = tiny_pretrain.pretrain_unet(tiny_sdxl, steps=2, batch_size=4, learning_rate=1e-3, seed=5)
     b, losses_b = tiny_pretrain.pretrain_unet(tiny_sdxl, steps=2, batch_size=4, learning_rate=1e-3, seed=5)
@@ -75,6 +77,7 @@ def _config(steps: int):
     return c
 
 
+@pytest.mark.slow
 def test_base_model_is_pretrained_recorded_and_a_stale_cache_refused(tmp_path, tiny_sd1):
     path = base_model.resolve_base_model(_config(3), tmp_path)
     record = json.loads((path / tiny_build.BUILD_RECORD).read_text())

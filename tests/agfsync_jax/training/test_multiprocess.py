@@ -114,7 +114,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path, run_py
                 for p in self.parts:
                     p.restore(state)
 
-        train.open_pairs = lambda config, workdir: BothSlices({str(pairs)!r})
+        train.open_pairs = lambda config, workdir, split=None: BothSlices({str(pairs)!r})
         train.train_and_evaluate(config, {str(single)!r})
 
         # The two processes' checkpoint restores onto this process's 4-device mesh.

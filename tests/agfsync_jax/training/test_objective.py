@@ -116,6 +116,7 @@ def _torch_objective(setup, name):
     return float(loss.detach()), float((inside > 0).float().mean()), float(grad_norm), inside.detach().numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dpo", "cross_dpo"])
 def test_loss_is_log2_at_initialisation_with_nonzero_gradient(setup, name):
     ref = setup["ref_flax"]
@@ -133,6 +134,7 @@ def test_loss_is_log2_at_initialisation_with_nonzero_gradient(setup, name):
     assert grad_norm > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dpo", "cross_dpo"])
 def test_matches_independent_pytorch_computation(setup, name):
     with jax.enable_x64(True):

@@ -93,7 +93,7 @@ def test_counts_ties_malformed_and_the_sign_test(workdir, judge_server):
     assert by_key[("p0", "q1", "finetuned_first")]["raw_answer"] == " 1\n"
     assert by_key[("p0", "q1", "finetuned_first")]["choice"] == "finetuned"
     assert all(r["seed"] == 200 and r["model"] == "judge-vlm" for r in rows)
-    assert by_key[("p0", "q1", "base_first")]["base_image"] == "eval/base/candidates/images/p0_0.png"
+    assert by_key[("p0", "q1", "base_first")]["base_image"] == "base/candidates/images/p0_0.png"
 
     table = judge_table.judge_markdown(judge_table.load_summary(workdir / workdir_lib.JUDGE_SUMMARY))
     assert ('| Q1 general preference (General): "Which image do you prefer?" | 60.0% | 20.0% | '
@@ -176,7 +176,7 @@ def test_a_changed_image_is_judged_again(workdir, judge_server, png_writer):
     url, state = judge_server()
     stage.run(_config(url), str(workdir))
     # p0's finetuned image becomes darker than its base image: Q1/Q3 now a loss, Q2 a win.
-    png_writer(workdir / "eval/finetuned/candidates/images/p0_0.png", 10)
+    png_writer(workdir / "finetuned/candidates/images/p0_0.png", 10)
     before = state.count
     summary = stage.run(_config(url), str(workdir))
     assert state.count - before == 6
@@ -205,11 +205,11 @@ def test_judge_off_and_half_configured(workdir):
 
 def test_bad_eval_artifacts_are_named(tmp_path, eval_workdir_maker):
     wd = eval_workdir_maker(tmp_path / "wd", PROMPTS[:2])
-    manifest = wd / "eval/finetuned/candidates/manifest-00000-of-00001.jsonl"
+    manifest = wd / "finetuned/candidates/manifest-00000-of-00001.jsonl"
     manifest.write_text(manifest.read_text().replace('"seed": 200', '"seed": 201', 1))
     with pytest.raises(ValueError, match="prompt 'p0'.*seed 200.*201"):
         stage.run(_config("http://127.0.0.1:1/v1"), str(wd))
 
-    (wd / "eval/base/prompts/prompts.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="eval/base/prompts/prompts.jsonl"):
+    (wd / "base/prompts/prompts.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="base/prompts/prompts.jsonl"):
         stage.run(_config("http://127.0.0.1:1/v1"), str(wd))

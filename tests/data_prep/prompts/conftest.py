@@ -28,9 +28,16 @@ class Reply:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def _list_models(path: str, state: "ServerState") -> dict[str, Any]:
+    return {"raw": json.dumps({"object": "list", "data": [{"id": "test-model"}, {"id": "fake"}]})}
+
+
 class ServerState:
-    def __init__(self, respond: Callable[[dict[str, Any], "ServerState"], dict[str, Any]]):
+    def __init__(self, respond: Callable[[dict[str, Any], "ServerState"], dict[str, Any]],
+                 respond_get: Callable[[str, "ServerState"], dict[str, Any]] = _list_models):
         self.respond = respond
+        self.respond_get = respond_get
+        self.get_paths: list[str] = []  # GET requests (the client's endpoint check)
         self.lock = threading.Lock()
         self.bodies: list[dict[str, Any]] = []
         self.authorization: list[str | None] = []
@@ -54,6 +61,26 @@ def _handler(state: ServerState) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:  # keep test output clean
             pass
+
+        def _send(self, reply: Reply) -> None:
+            data = reply.raw.encode("utf-8")
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in reply.headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            with state.lock:
+                state.get_paths.append(self.path)
+                overflow = len(state.get_paths) > MAX_REQUESTS
+                state.overflow += overflow
+            reply = Reply(**state.respond_get(self.path, state))
+            if overflow:
+                reply = Reply(status=503, raw="request budget of the test server exhausted")
+            self._send(reply)
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -79,14 +106,7 @@ def _handler(state: ServerState) -> type[http.server.BaseHTTPRequestHandler]:
                     raw = json.dumps({"id": "x", "object": "chat.completion", "choices": [
                         {"index": 0, "message": {"role": "assistant", "content": reply.content},
                          "finish_reason": "stop"}]})
-                data = raw.encode("utf-8")
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                self._send(dataclasses.replace(reply, raw=raw))
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (timeout test)
             finally:
@@ -98,17 +118,19 @@ def _handler(state: ServerState) -> type[http.server.BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def openai_server():
-    """start(respond) -> (base_url, state): a threaded HTTP server on 127.0.0.1.
+    """start(respond, respond_get, port) -> (base_url, state): a threaded HTTP server on 127.0.0.1.
 
-    respond(body, state) returns the fields of `Reply` as a dict: status, content (wrapped as a
-    chat completion), raw (the exact body), delay_s, headers.
+    respond(body, state) answers POSTs, respond_get(path, state) GETs (default: a model list);
+    both return the fields of `Reply` as a dict: status, content (wrapped as a chat completion,
+    POST only), raw (the exact body), delay_s (POST only), headers. port 0 picks a free port.
     """
     servers = []
 
-    def start(respond: Callable[[dict[str, Any], ServerState], dict[str, Any]]
-              ) -> tuple[str, ServerState]:
-        state = ServerState(respond)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    def start(respond: Callable[[dict[str, Any], ServerState], dict[str, Any]],
+              respond_get: Callable[[str, ServerState], dict[str, Any]] = _list_models,
+              port: int = 0) -> tuple[str, ServerState]:
+        state = ServerState(respond, respond_get)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _handler(state))
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                   daemon=True)

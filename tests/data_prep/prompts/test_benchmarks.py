@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,113 @@ def test_unknown_format_missing_and_empty_files(tmp_path):
         load_benchmark("text", tmp_path / "missing.txt")
     with pytest.raises(BenchmarkFormatError, match="no prompts"):
         load_benchmark("text", write(tmp_path / "blank.txt", "\n\n"))
+
+
+# --- generic layouts: jsonl and text_dir; text refuses JSON lines; BOM and CRLF everywhere ---
+
+def test_jsonl_with_default_and_custom_keys(tmp_path):
+    lines = [{"prompt": "A red kite.", "category": "objects"},
+             {"prompt": "Two cats on a sofa.", "category": "animals", "extra": 1}]
+    path = write(tmp_path / "mine.jsonl", "\n".join(json.dumps(d) for d in lines) + "\n\n")
+    records = load_benchmark("jsonl", path)
+    assert [(r.id, r.category, r.prompt, r.source) for r in records] == [
+        ("mine-00000", "objects", "A red kite.", "jsonl"), ("mine-00001", "animals", "Two cats on a sofa.", "jsonl")]
+    assert_valid(records)
+
+    custom = [{"text": "A blue teapot.", "qs": ["is there a teapot?",
+                                                {"question": "what color is it?", "answer": "blue",
+                                                 "choices": ["red", "blue"], "element_type": "color"}]}]
+    path = write(tmp_path / "hpd.jsonl", json.dumps(custom[0]) + "\n")
+    (record,) = load_benchmark("jsonl", path, prompt_key="text", category_key="", questions_key="qs")
+    assert (record.category, record.prompt) == ("hpd", "A blue teapot.")  # category: the file name
+    assert [(q.question, q.answer, q.is_yes_no) for q in record.questions] == [
+        ("is there a teapot?", "yes", True), ("what color is it?", "blue", False)]
+    assert_valid([record])
+
+
+def test_jsonl_errors_name_the_line_and_the_key(tmp_path):
+    ok = json.dumps({"prompt": "A red kite.", "category": "objects"})
+    path = write(tmp_path / "a.jsonl", ok + "\n" + '{"prompt": "x", oops}\n')
+    expect_error(path, 2, "jsonl")
+    path = write(tmp_path / "b.jsonl", ok + "\n\n" + json.dumps({"caption": "A boat."}) + "\n")
+    with pytest.raises(BenchmarkFormatError, match=r"b.jsonl:3: no field 'prompt' \(prompts.benchmark.prompt_key\)"
+                                                   r".*\['caption'\]"):
+        load_benchmark("jsonl", path)
+    path = write(tmp_path / "c.jsonl", ok + "\n" + json.dumps(["A list."]) + "\n")
+    expect_error(path, 2, "jsonl")
+    path = write(tmp_path / "d.jsonl", json.dumps({"prompt": "A kite.", "category": "x",
+                                                   "qs": [{"question": "q?", "answer": "maybe"}]}) + "\n")
+    with pytest.raises(BenchmarkFormatError, match=r"d.jsonl:1: qs\[0\]: answer 'maybe'"):
+        load_benchmark("jsonl", path, questions_key="qs")
+
+
+def test_text_dir_takes_categories_from_file_names(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write(folder / "animals.txt", "A cat.\nTwo dogs.\n")
+    (folder / "objects.txt").write_bytes(b"\xef\xbb\xbfA red kite.\r\n\r\nA lamp.\r\n")  # BOM + CRLF
+    write(folder / "README.md", "not prompts")
+    records = load_benchmark("text_dir", folder)
+    assert [(r.id, r.category, r.prompt) for r in records] == [
+        ("animals-00000", "animals", "A cat."), ("animals-00001", "animals", "Two dogs."),
+        ("objects-00000", "objects", "A red kite."), ("objects-00001", "objects", "A lamp.")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BenchmarkFormatError, match="no \\*.txt files"):
+        load_benchmark("text_dir", empty)
+
+
+def test_text_refuses_json_lines_naming_the_line(tmp_path):
+    path = write(tmp_path / "p.txt", "A red kite.\n" + json.dumps({"prompt": "A boat.", "category": "x"}) + "\n")
+    with pytest.raises(BenchmarkFormatError, match=r"p.txt:2: this line is a JSON object.*format jsonl"):
+        load_benchmark("text", path)
+    # Braces that are not a JSON object are prompt text.
+    ok = write(tmp_path / "ok.txt", "{curly} braces in a prompt\n[1, 2] is a list\n")
+    assert [r.prompt for r in load_benchmark("text", ok)] == ["{curly} braces in a prompt", "[1, 2] is a list"]
+
+
+SAMPLES = {
+    "drawbench": ("db.csv", 'Prompts,Category\nA green bus.,Colors\n"Two cups, one red.",Counting\n'),
+    "partiprompts": ("p.tsv", "Prompt\tCategory\tChallenge\tNote\ntree\tOutdoor Scenes\tBasic\t\n"),
+    "tifa_questions": ("qa.json", json.dumps(ROWS, indent=2)),
+    "tifa_text": ("t.json", json.dumps([{"id": "coco_5", "caption": "A man on a bike."}], indent=2)),
+    "hpsv2": ("anime.json", json.dumps(["A girl.", "A mech."], indent=2)),
+    "text": ("mine.txt", "A red kite.\nA boat.\n"),
+    "jsonl": ("mine.jsonl", '{"prompt": "A kite.", "category": "objects"}\n{"prompt": "A cat.", "category": "a"}\n'),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(SAMPLES))
+def test_bom_and_crlf_are_accepted_by_every_format(tmp_path, fmt):
+    name, text = SAMPLES[fmt]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    plain = write(tmp_path / "plain" / name, text)
+    bom = tmp_path / "bom" / name
+    bom.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    expected = load_benchmark(fmt, plain)
+    assert load_benchmark(fmt, bom) == expected and expected
+
+
+REAL = Path("/work/shared/benchmarks")
+
+
+@pytest.mark.parametrize("fmt, name, rows, categories", [
+    ("drawbench", "DrawBench.csv", 200, 11),
+    ("partiprompts", "PartiPrompts.tsv", 1632, None),
+    ("tifa_text", "tifa_v1.0_text_inputs.json", 4081, None),
+    ("tifa_questions", "sample_question_answers.json", None, None),
+])
+def test_real_benchmark_files(fmt, name, rows, categories):
+    """The real files, read in place (never copied into the repository), when this machine has them."""
+    path = REAL / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not on this machine")
+    records = load_benchmark(fmt, path)
+    assert_valid(records)
+    if rows is not None:
+        assert len(records) == rows
+    if categories is not None:
+        assert len({r.category for r in records}) == categories
+    if fmt == "tifa_questions":
+        assert any(not q.is_yes_no for r in records for q in r.questions)  # TIFA's multiple choice

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 
 import pytest
 
-from data_prep.prompts.chat_backend import ChatRequest, LLMError
+from data_prep.prompts.chat_backend import ChatRequest, LLMEndpointError, LLMError
 from data_prep.prompts.json_output import JSONOutputError, parse_json_output
 from data_prep.prompts.llm_client import OpenAIChatClient
 from data_prep.prompts.response_cache import ResponseCache
@@ -204,3 +205,98 @@ def test_requests_from_many_threads_share_the_limit(make_client):
     for t in threads:
         t.join()
     assert state.count == 3 and state.max_in_flight == 1
+
+
+# --- the endpoint check: causes that no retry can mend fail at once, naming URL and cause ---
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def endpoint_client(tmp_path, base_url, **kw) -> OpenAIChatClient:
+    args = dict(base_url=base_url, model="test-model", api_key_env="",
+                cache=ResponseCache(tmp_path / "cache"), timeout_s=TIMEOUT_S, max_retries=5,
+                max_concurrency=4, backoff_initial_s=0.01, backoff_max_s=0.05)
+    args.update(kw)
+    return OpenAIChatClient(**args)
+
+
+def test_connection_refused_is_one_error_naming_url_and_cause(tmp_path):
+    base_url = f"http://127.0.0.1:{closed_port()}/v1"
+    with endpoint_client(tmp_path, base_url) as client:
+        with pytest.raises(LLMEndpointError) as e:
+            client.complete_many([request(f"case:sleep-{i}") for i in range(5)])
+        assert base_url in str(e.value) and "connection refused" in str(e.value)
+        assert "config.prompts.llm.base_url" in str(e.value)
+        s = client.stats.as_dict()
+        assert s["retries"] == 0 and s["requests"] == 0  # checked once, nothing retried
+
+
+def test_unresolvable_host_is_one_error_naming_the_dns_failure(tmp_path):
+    base_url = "http://agfsync-llm.invalid/v1"  # .invalid never resolves (RFC 2606)
+    with endpoint_client(tmp_path, base_url) as client:
+        with pytest.raises(LLMEndpointError, match="does not resolve") as e:
+            client.complete(request("case:fenced"))
+        assert base_url in str(e.value) and client.stats.retries == 0
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_refused_api_key_is_one_error_naming_the_variable(make_client, tmp_path, openai_server,
+                                                          code):
+    base_url, state = openai_server(scripted, lambda path, st: {"status": code, "raw": "{}"})
+    make, _ = make_client
+    client = make(base_url=base_url)
+    with pytest.raises(LLMEndpointError) as e:
+        client.complete_many([request("case:fenced"), request("case:500")])
+    assert f"HTTP {code}" in str(e.value) and base_url in str(e.value)
+    assert "TEST_LLM_KEY" in str(e.value) and SECRET not in str(e.value)
+    assert state.get_paths == ["/v1/models"] and state.count == 0  # one check, no chat calls
+    assert client.stats.retries == 0
+
+
+def test_a_401_on_a_chat_call_stops_the_stage_without_retries(make_client, openai_server):
+    base_url, state = openai_server(lambda body, st: {"status": 401, "raw": "bad key"},
+                                    lambda path, st: {"status": 404, "raw": "no model list"})
+    make, _ = make_client
+    client = make(base_url=base_url)
+    with pytest.raises(LLMEndpointError, match="HTTP 401 on chat/completions"):
+        client.complete_many([request("case:fenced")])
+    assert state.count == 1 and client.stats.retries == 0
+
+
+def test_the_check_retries_5xx_and_runs_once(make_client, openai_server):
+    def flaky_models(path, st):
+        if len(st.get_paths) == 1:
+            return {"status": 503, "raw": "warming up"}
+        return {"raw": json.dumps({"data": [{"id": "test-model"}]})}
+
+    base_url, state = openai_server(scripted, flaky_models)
+    make, _ = make_client
+    client = make(base_url=base_url)
+    assert all(client.complete_many([request(f"case:sleep-{i}") for i in range(4)]))
+    assert state.get_paths == ["/v1/models"] * 2  # one retry of the check, then never again
+    assert state.count == 4
+
+
+def test_a_check_that_keeps_failing_names_url_and_attempts(make_client, openai_server):
+    base_url, state = openai_server(scripted, lambda path, st: {"status": 502, "raw": "down"})
+    make, _ = make_client
+    client = make(base_url=base_url, max_retries=2)
+    with pytest.raises(LLMEndpointError, match="still failing after 3 attempts") as e:
+        client.complete(request("case:fenced"))
+    assert base_url in str(e.value) and "502" in str(e.value)
+    with pytest.raises(LLMEndpointError):  # remembered: the endpoint is not asked again
+        client.complete(request("case:fenced"))
+    assert len(state.get_paths) == 3 and state.count == 0
+
+
+def test_a_fully_cached_run_needs_no_endpoint(make_client, tmp_path):
+    make, state = make_client
+    first = make().complete(request("case:fenced"))
+    # The same cache, an endpoint that is gone: every reply comes from the cache.
+    client = endpoint_client(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    assert client.complete(request("case:fenced")) == first
+    client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import zlib
@@ -16,6 +17,7 @@ from agfsync_jax.schemas import CATEGORIES, KIND_INSTRUCTION_PAIR, read_prompts
 from agfsync_jax.workdir import DONE_MARKER, PROMPTS_FILE
 from configs.common import base_config
 from data_prep.prompts import stage
+from data_prep.prompts.chat_backend import LLMEndpointError
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -79,7 +81,7 @@ def test_same_seed_same_bytes_whatever_the_shard_count(tmp_path):
 
 def test_resuming_with_another_config_is_an_error(tmp_path):
     stage.run(config(), str(tmp_path))
-    with pytest.raises(RuntimeError, match="different prompts config"):
+    with pytest.raises(RuntimeError, match=r"other prompts settings \(prompts\.\w+ changed\); `agfsync-jax clean prompts"):
         stage.run(config(per_category=4), str(tmp_path))
     c = config()
     c.prompts.llm.max_concurrency = 2  # operational: not part of the fingerprint
@@ -194,6 +196,32 @@ def test_llm_source_end_to_end_and_a_rerun_costs_nothing(tmp_path, openai_server
     assert again["llm"]["requests"] == 0 and again["llm"]["cached"] == expected_requests
     assert ((tmp_path / "second" / PROMPTS_FILE).read_bytes()
             == (tmp_path / "first" / PROMPTS_FILE).read_bytes())
+
+
+def test_an_unreachable_llm_fails_at_once_and_leaves_no_marker(tmp_path, openai_server):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    base_url = f"http://127.0.0.1:{port}/v1"
+    c = llm_config(base_url, tmp_path / "cache")
+    with pytest.raises(LLMEndpointError, match="connection refused") as e:
+        stage.run(c, str(tmp_path / "wd"))
+    assert base_url in str(e.value)
+    assert not list((tmp_path / "wd").rglob("_DONE*"))
+
+    # The endpoint is back at the same URL: the same command now does the work.
+    openai_server(fake_llm, port=port)
+    assert stage.run(c, str(tmp_path / "wd"))["prompts"] == 24
+
+
+def test_a_shard_whose_every_llm_call_failed_is_not_marked_done(tmp_path, openai_server):
+    base_url, server = openai_server(lambda body, st: {"status": 400, "raw": "no"})
+    c = llm_config(base_url, tmp_path / "cache")
+    c.prompts.instruction_pairs = 0
+    with pytest.raises(RuntimeError, match=r"kept no record .*http_400=") as e:
+        stage.run(c, str(tmp_path / "wd"))
+    assert "shard 0/1" in str(e.value)
+    assert not list((tmp_path / "wd").rglob("_DONE*"))
 
 
 def test_cli_runs_the_stage(tmp_path):

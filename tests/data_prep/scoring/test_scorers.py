@@ -255,13 +255,85 @@ def test_parse_yes_no_is_not_a_substring_match():
     assert answer_is_correct("Red.", mc) and not answer_is_correct("reddish", mc)
 
 
-def test_likelihood_mode_rejects_multiple_choice(vqa_folder, candidate_images):
+MC = Question("how many kites are there?", answer="2", choices=("1", "2", "3", "4"), element_type="counting")
+
+
+def _hf_choice_log_likelihood(scorer, image, question, choice) -> float:
+    """The oracle: transformers' own language-model loss over the choice's tokens, x their count."""
+    ids = scorer._choice_ids(choice)
+    enc = scorer._inputs([image], [question])
+    target = torch.tensor([ids])
+    with torch.no_grad():
+        if scorer.decoder_only:
+            input_ids = torch.cat([enc["input_ids"], target], dim=1)
+            labels = torch.full_like(input_ids, -100)
+            labels[:, -len(ids):] = target
+            loss = scorer.model(pixel_values=enc["pixel_values"], input_ids=input_ids,
+                                attention_mask=torch.ones_like(input_ids), labels=labels).loss
+        else:
+            loss = scorer.model(**enc, labels=target).loss
+    return -float(loss) * len(ids)
+
+
+def test_likelihood_mode_scores_multiple_choice_by_choice_likelihood(vqa_folder, candidate_images):
+    from data_prep.scoring.vqa import VqaScorer, likelihood_answer
+
+    scorer = VqaScorer(vqa_folder[1], "likelihood", CPU, F32, batch_size=3)  # 3: batches cut questions
+    other = Question("what color is the car?", answer="blue", choices=("red", "blue", "green"), element_type="color")
+    images = candidate_images[:2]
+    logps = scorer.choice_log_likelihoods(images, [MC.question, other.question], [MC.choices, other.choices])
+    assert [lp.shape for lp in logps] == [(4,), (3,)]
+    for image, q, lp in zip(images, (MC, other), logps):
+        oracle = [_hf_choice_log_likelihood(scorer, image, q.question, c) for c in q.choices]
+        np.testing.assert_allclose(lp, oracle, atol=1e-4)
+    again = scorer.choice_log_likelihoods(images[::-1], [MC.question] * 2, [MC.choices] * 2)
+    assert np.abs(again[0] - again[1]).max() > 1e-7  # the image matters
+
+    yes_no = Question("is there a kite?", element_type="object")
+    scores, answers = scorer.score_with_answers(_items(images, questions=(MC, yes_no)))
+    for k, image in enumerate(images):
+        mc, yn = answers[k]
+        lp = scorer.choice_log_likelihoods([image], [MC.question], [MC.choices])[0]
+        p = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
+        assert mc.answer == MC.choices[int(np.argmax(lp))] and mc.correct == (mc.answer == "2")
+        assert mc.credit == pytest.approx(p[1], abs=1e-6) and mc.p_yes is None and mc.element_type == "counting"
+        assert yn == likelihood_answer(yes_no, yn.p_yes)  # yes/no questions: unchanged
+        assert scores[k] == pytest.approx(100 * (mc.credit + yn.credit) / 2, abs=1e-9)
+
+
+def test_generate_mode_answers_multiple_choice_on_the_model(vqa_folder, candidate_images):
+    from data_prep.scoring.vqa import VqaScorer, answer_is_correct
+
+    scorer = VqaScorer(vqa_folder[1], "generate", CPU, F32, max_new_tokens=4)
+    (answer,), = scorer.score_with_answers(_items(candidate_images[:1], questions=(MC,)))[1]
+    assert answer.correct == answer_is_correct(answer.answer, MC) and answer.credit == float(answer.correct)
+
+
+def test_tifa_question_file_scores_in_both_modes(vqa_folder, candidate_images, tmp_path):
+    """TIFA's own sample question file when it is here, else rows in its schema written here."""
+    import json
+    from pathlib import Path
+
+    from data_prep.prompts.benchmarks import load_benchmark
     from data_prep.scoring.vqa import VqaScorer
 
-    scorer = VqaScorer(vqa_folder[1], "likelihood", CPU, F32)
-    mc = (Question("what color is it?", answer="red", choices=("red", "blue")),)
-    with pytest.raises(ValueError, match="yes/no questions only"):
-        scorer.score(_items(candidate_images[:1], questions=mc))
+    real = Path("/work/shared/benchmarks/sample_question_answers.json")
+    path = real if real.is_file() else tmp_path / "qa.json"
+    if not real.is_file():
+        path.write_text(json.dumps([
+            {"id": "coco_1", "caption": "Two kites above a hill.", "question": "are there kites?",
+             "choices": ["yes", "no"], "answer": "yes", "element_type": "object", "element": "kites"},
+            {"id": "coco_1", "caption": "Two kites above a hill.", "question": "how many kites are there?",
+             "choices": ["1", "2", "3", "4"], "answer": "2", "element_type": "counting", "element": "two"}]))
+    record = load_benchmark("tifa_questions", path)[0]
+    assert any(not q.is_yes_no for q in record.questions) or not real.is_file()
+    for mode in ("likelihood", "generate"):
+        scorer = VqaScorer(vqa_folder[1], mode, CPU, F32, max_new_tokens=4)
+        scores, (answers,) = scorer.score_with_answers(_items(candidate_images[:1], [record.prompt],
+                                                              questions=record.questions))
+        assert len(answers) == len(record.questions) and 0.0 <= scores[0] <= 100.0
+        if mode == "likelihood":
+            assert all(a.answer in q.choices for a, q in zip(answers, record.questions))
 
 
 def test_device_selection():

@@ -246,7 +246,8 @@ def test_demo_config_keeps_its_reward_and_reports_hps_and_vila():
 
     scoring = tiny.get_config().scoring
     assert (scoring.weights_preset, scoring.weights, scoring.aesthetic) == ("paper", "", "laion")
-    assert scoring.extra == "hps,vila"
+    # HPS v2 and VILA are eval metrics of the demo, not part of its training-candidate scoring.
+    assert scoring.extra == "" and tiny.get_config().eval.extra_scorers == "hps,vila"
 
 
 def test_score_stage_is_registered():
@@ -287,6 +288,15 @@ def test_manifest_rows_without_images_are_an_error(tmp_path):
         read_candidates(tmp_path, records, {"p0"})
 
 
+def _without_cross_pairs(workdir: Path) -> None:
+    """Drops the InstructEngine record: its cross pair is kept whatever the margin."""
+    prompts = workdir / "prompts" / "prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in prompts.read_text().splitlines() if '"ie0"' not in line))
+    for manifest in (workdir / "candidates").glob("manifest-*.jsonl"):
+        lines = manifest.read_text().splitlines()
+        manifest.write_text("".join(line + "\n" for line in lines if line.endswith("}") and '"ie0"' not in line))
+
+
 def _clip_only(scorer_models, **scoring):
     return _config(scorer_models, weights_preset="custom", weights="clip=1", extra="", **scoring)
 
@@ -294,6 +304,7 @@ def _clip_only(scorer_models, **scoring):
 def test_new_weights_re_pair_without_re_scoring(scorer_models, workdir, capsys):
     from data_prep.scoring import stage
 
+    _without_cross_pairs(workdir)
     stage.run(_clip_only(scorer_models), str(workdir))
     scores = (workdir / "scores" / "scores-00000-of-00001.jsonl").read_text()
     before = {ex["prompt_id"]: (ex["winner_candidate"], ex["loser_candidate"]) for ex in _load_tfds(workdir / "pairs")}
@@ -301,21 +312,23 @@ def test_new_weights_re_pair_without_re_scoring(scorer_models, workdir, capsys):
     with pytest.raises(Exception, match="scoring.weights changed|aesthetic"):
         # A newly weighted scorer needs scores that were never computed: that is a re-score.
         stage.run(changed, str(workdir))
-    # Re-weighting scores that exist re-pairs from the stored rows.
-    stage.run(_clip_only(scorer_models), str(workdir))
-    summary = stage.run(_clip_only(scorer_models, min_margin=1e9), str(workdir))
-    assert "re-paired: pairing settings changed (scoring.min_margin)" in capsys.readouterr().out
-    assert summary["scored"] == 0 and summary["pairs"] == 0
+    # Pairing settings re-pair from the stored rows, without scoring anything again.
+    capsys.readouterr()
+    summary = stage.run(_clip_only(scorer_models, store_png=False), str(workdir))
+    assert "re-paired: pairing settings changed (scoring.store_png)" in capsys.readouterr().out
+    assert summary["scored"] == 0 and summary["complete"] and summary["pairs"] == len(before)
     assert (workdir / "scores" / "scores-00000-of-00001.jsonl").read_text() == scores  # not re-scored
-    assert not (workdir / "pairs" / "_DONE.json").exists()  # a dataset without pairs is not done
-    again = stage.run(_clip_only(scorer_models), str(workdir))
-    assert again["complete"] and again["pairs"] == len(before)
+    assert all(ex["winner_png"] == b"" for ex in _load_tfds(workdir / "pairs"))
+    weighted = stage.run(_config(scorer_models, weights_preset="custom", weights="clip=1,vqa=0", extra=""),
+                         str(workdir))
+    assert weighted["scored"] == 0 and weighted["complete"]
 
 
 def test_a_run_without_a_single_pair_fails_with_the_counts(scorer_models, workdir):
     from agfsync_jax.errors import StageFailedError
     from data_prep.scoring import stage
 
+    _without_cross_pairs(workdir)
     with pytest.raises(StageFailedError, match=r"no pair survived .*prompts below_margin: \d+"):
         stage.run(_clip_only(scorer_models, min_margin=1e9), str(workdir))
     assert not (workdir / "pairs" / "_DONE.json").exists()
@@ -359,3 +372,29 @@ def test_changed_scorer_settings_stop_with_the_fields_named(scorer_models, workd
     other.scoring.vqa_prompt = "Q: {question} A:"
     with pytest.raises(StageChangedError, match=r"scoring.vqa_prompt changed\); `agfsync-jax clean score"):
         stage.run(other, str(workdir))
+
+
+def test_no_surviving_pair_fails_with_counts_and_leaves_nothing_done(workdir):
+    from configs.common import base_config
+    from data_prep.scoring import stage
+
+    config = base_config()
+    config.scoring.update(dict(tiny=True, weights_preset="custom", weights="clip=1", device="cpu",
+                               min_margin=1e9))  # no AGFSync pair can clear this margin
+    for c in range(NUM_CANDIDATES):  # and the cross pair loses its second instruction
+        (workdir / "candidates" / "latents" / f"ie0_1_{c}.npy").unlink()
+    from agfsync_jax.errors import StageFailedError
+
+    with pytest.raises(StageFailedError) as e:
+        stage.run(config, str(workdir))
+    msg = str(e.value)
+    assert "no pair survived" in msg
+    assert "prompts below_margin: 4" in msg and "prompts missing_instruction_candidates: 1" in msg
+    assert "candidates missing_latent: 3" in msg and "scoring.min_margin" in msg
+    assert not (workdir / "pairs" / "_DONE.json").exists()
+
+    # Not a failure that sticks: with a margin that pairs can clear, the same workdir finishes,
+    # from the scores already stored.
+    config.scoring.min_margin = 0.0
+    summary = stage.run(config, str(workdir))
+    assert summary["pairs"] == 4 and summary["scored"] == 0 and summary["complete"]

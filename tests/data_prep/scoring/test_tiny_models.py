@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ CODE = ("from data_prep.scoring import tiny; import hashlib; "
         "print(hashlib.sha256(tiny.t5_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())")
 
 
+@pytest.mark.slow
 def test_t5_tokenizer_is_identical_across_builds_and_processes():
     """`tokenizers`' Unigram trainer alone gave a different vocabulary order or scores in 5 of 6
     builds; the tokenizer must come out byte-identical every time, in any process."""
