@@ -19,6 +19,11 @@ INSTALL_REQUIRES = [
     # TFRecord reading/writing for the pair dataset; TF is kept off accelerators in JAX processes.
     "tensorflow-cpu>=2.16",
     "tensorflow-datasets>=4.9.6",
+    # One path type for local and gs:// work directories (agfsync_jax/storage): epath over gcsfs;
+    # CRC-32C for the TFRecord framing written in Python.
+    "etils[epath]>=1.7",
+    "gcsfs>=2024.2",
+    "google-crc32c>=1.5",
     "ml-collections>=1.0",
     "scipy>=1.10",
     "numpy>=1.26",
@@ -38,7 +43,8 @@ EXTRAS = {
     "torch": ["torch>=2.4"],
     # open-clip-torch (with torchvision): the HPS v2 scorer. VILA runs on tensorflow-cpu (above).
     "scoring": ["torch>=2.4", "torchmetrics>=1.4", "open-clip-torch>=3.0", "torchvision"],
-    "dev": ["pytest>=8", "torchmetrics>=1.4"],
+    # gcp-storage-emulator: the GCS emulator the gs:// pipeline test starts.
+    "dev": ["pytest>=8", "torchmetrics>=1.4", "gcp-storage-emulator>=2024.8"],
 }
 
 setup(

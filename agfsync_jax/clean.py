@@ -8,11 +8,9 @@ include it).
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import stages, workdir as workdir_lib
+from agfsync_jax import stages, storage, workdir as workdir_lib
 from agfsync_jax.errors import ConfigError
 
 # Kept by `clean prompts`: relative to WORKDIR/prompts.
@@ -23,7 +21,7 @@ def run_clean(stage: str, workdir: str) -> dict[str, Any]:
     owned = {s.name: s.owns for s in stages.STAGES if s.owns}
     if stage not in owned:
         raise ConfigError(f"clean: {stage!r} is not a stage with artifacts; one of {', '.join(owned)}")
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     removed: list[str] = []
     for name in owned[stage]:
         path = wd / name
@@ -33,10 +31,10 @@ def run_clean(stage: str, workdir: str) -> dict[str, Any]:
         for child in sorted(path.iterdir()):
             if child.name in keep:
                 continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            storage.rmtree(child) if child.is_dir() else storage.remove(child)
             removed.append(str(child))
-        if not keep:
-            path.rmdir()
+        if not keep and not storage.is_remote(path):
+            path.rmdir()  # an object store has no empty folders
     kept = [str(wd / name / k) for name in owned[stage] for k in _KEEP.get(name, ()) if (wd / name / k).exists()]
     print(f"clean {stage}: removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} under {wd}"
           + (f"; kept {', '.join(kept)}" if kept else ""))

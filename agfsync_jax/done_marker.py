@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import atomic_io, fingerprint
+from agfsync_jax import fingerprint, storage
+from agfsync_jax.storage import Path, PathLike
 from agfsync_jax.errors import StageChangedError
 from agfsync_jax.workdir import DONE_MARKER
 
@@ -21,15 +21,15 @@ FINGERPRINT = "fingerprint"
 SETTINGS = "settings"
 
 
-def path(stage_dir: str | Path) -> Path:
-    return Path(stage_dir) / DONE_MARKER
+def path(stage_dir: PathLike) -> Path:
+    return storage.as_path(stage_dir) / DONE_MARKER
 
 
-def is_done(stage_dir: str | Path) -> bool:
+def is_done(stage_dir: PathLike) -> bool:
     return path(stage_dir).is_file()
 
 
-def read(stage_dir: str | Path) -> dict[str, Any] | None:
+def read(stage_dir: PathLike) -> dict[str, Any] | None:
     """The marker's contents, or None when the stage is not complete."""
     p = path(stage_dir)
     if not p.is_file():
@@ -41,15 +41,15 @@ def read(stage_dir: str | Path) -> dict[str, Any] | None:
         raise StageChangedError(f"{p} is not valid JSON ({e.msg}); delete it to redo the stage") from e
 
 
-def write(stage_dir: str | Path, summary: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> None:
+def write(stage_dir: PathLike, summary: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> None:
     body = dict(summary)
     if settings is not None:
         body[FINGERPRINT] = fingerprint.digest(settings)
         body[SETTINGS] = dict(settings)
-    atomic_io.atomic_write_json(path(stage_dir), body)
+    storage.write_json(path(stage_dir), body)
 
 
-def clear(stage_dir: str | Path) -> None:
+def clear(stage_dir: PathLike) -> None:
     path(stage_dir).unlink(missing_ok=True)
 
 
@@ -62,11 +62,11 @@ def changed_fields(marker: Mapping[str, Any], settings: Mapping[str, Any]) -> li
     return fingerprint.changed_fields(marker[SETTINGS], settings) or ["<fingerprint>"]
 
 
-def redo_hint(stage: str, workdir: str | Path) -> str:
+def redo_hint(stage: str, workdir: PathLike) -> str:
     return f"`agfsync-jax clean {stage} --workdir={workdir}` then re-run, or use another workdir"
 
 
-def check(stage: str, stage_dir: str | Path, settings: Mapping[str, Any], workdir: str | Path
+def check(stage: str, stage_dir: PathLike, settings: Mapping[str, Any], workdir: PathLike
           ) -> dict[str, Any] | None:
     """The marker when the stage is complete with these settings; None when it is not complete.
 

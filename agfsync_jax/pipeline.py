@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import stage_runner, stages
+from agfsync_jax import stage_runner, stages, storage
 
 
 def _banner(text: str) -> None:
@@ -33,6 +32,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     _banner(f"pipeline done in {time.time() - start:.0f} s")
     for name, result in summary.items():
         print(f"  {name:<8} {json.dumps(result, default=str)[:160]}")
-    report = summary.get("eval", {}).get("report") or str(Path(workdir) / "eval" / "report.md")
+    report = summary.get("eval", {}).get("report") or str(storage.as_path(workdir) / "eval" / "report.md")
     print(f"\nreport: {report}", flush=True)
     return summary

@@ -14,8 +14,10 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
+
+from agfsync_jax import storage
+from agfsync_jax.storage import PathLike
 
 # TIFA's element types (Hu et al. 2023); the questions stage and the evaluation's per-type
 # accuracy both use this list.
@@ -363,22 +365,23 @@ PAIR_FEATURES: dict[str, str] = {
 LATENT_DTYPE = "float16"
 
 
-def read_jsonl(path: str | Path, parse: Callable[[dict[str, Any], str], T]) -> Iterator[T]:
-    """Yields parsed records of a JSONL file; any bad line raises SchemaError naming file:line."""
-    path = Path(path)
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SchemaError(f"{where}: not valid JSON ({e.msg})") from e
-            yield parse(obj, where)
+def read_jsonl(path: PathLike, parse: Callable[[dict[str, Any], str], T]) -> Iterator[T]:
+    """Yields parsed records of a JSONL file (local, gs://, or a log of parts: agfsync_jax.storage);
+    any bad line raises SchemaError naming file:line. A missing file raises FileNotFoundError."""
+    p = storage.as_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    for where, line in storage.read_lines(p):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{where}: not valid JSON ({e.msg})") from e
+        yield parse(obj, where)
 
 
-def read_prompts(path: str | Path) -> list[PromptRecord]:
+def read_prompts(path: PathLike) -> list[PromptRecord]:
     """Reads prompts.jsonl; duplicate ids are an error because every later stage keys on them."""
     records = list(read_jsonl(path, PromptRecord.from_dict))
     seen: set[str] = set()

@@ -15,7 +15,7 @@ WORKDIR/
 
 from __future__ import annotations
 
-from pathlib import Path
+from agfsync_jax.storage import Path, PathLike, as_path
 
 BASE_MODEL = "base_model"
 PROMPTS = "prompts"
@@ -35,8 +35,8 @@ JUDGE_SUMMARY = "judge/summary.json"
 DONE_MARKER = "_DONE.json"
 
 
-def stage_dir(workdir: str | Path, stage: str) -> Path:
-    return Path(workdir) / stage
+def stage_dir(workdir: PathLike, stage: str) -> Path:
+    return as_path(workdir) / stage
 
 
 def shard_suffix(shard_index: int, num_shards: int) -> str:

@@ -95,6 +95,78 @@ def run_python():
     return run
 
 
+class GcsEmulator:
+    """A GCS emulator (gcp-storage-emulator, in memory: tests/gcs_emulator_server.py) on 127.0.0.1,
+    with one bucket."""
+
+    def __init__(self, host: str, bucket: str):
+        self.host, self.bucket = host, bucket
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"gs://{self.bucket}", *parts])
+
+    def object_names(self, prefix: str = "") -> list[str]:
+        """Every object name under `prefix`, listed through the emulator's JSON API."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        names, token = [], ""
+        while True:
+            query = urllib.parse.urlencode({"prefix": prefix, **({"pageToken": token} if token else {})})
+            with urllib.request.urlopen(f"{self.host}/storage/v1/b/{self.bucket}/o?{query}", timeout=30) as r:
+                page = json.load(r)
+            names += [item["name"] for item in page.get("items", [])]
+            token = page.get("nextPageToken", "")
+            if not token:
+                return sorted(names)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """Starts the emulator for the session and points this process (and its children) at it
+    through STORAGE_EMULATOR_HOST, before anything here touches gs://."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host, bucket = f"http://127.0.0.1:{port}", "agfsync-test-bucket"
+    log = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator_server.py"),
+                                 "--host=127.0.0.1", f"--port={port}", f"--bucket={bucket}"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}", timeout=5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the GCS emulator did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    try:
+        yield GcsEmulator(host, bucket)
+    finally:
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # --- a rule-judging OpenAI-compatible vision endpoint -------------------------------------------
 
 MAX_REQUESTS = 400  # a retry loop gone wrong fails the test instead of hammering forever

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from agfsync_jax import atomic_io, base_model, done_marker, fingerprint, sharding, workdir as workdir_lib
+from agfsync_jax import atomic_io, base_model, done_marker, fingerprint, sharding, storage, workdir as workdir_lib
 from agfsync_jax.encoding import preprocess, records
 from agfsync_jax.encoding.program import EncodingProgram, check_batch_layout
 from agfsync_jax.encoding.source_rows import (
@@ -61,7 +61,7 @@ _LISTED_SKIPS = 100
 IGNORED = ("encode.batch_size",) + base_model.COVERED_BY_IDENTITY
 
 
-def _settings(config: Any, spec: SourceSpec, num_rows: int, workdir: Path) -> dict[str, Any]:
+def _settings(config: Any, spec: SourceSpec, num_rows: int, workdir: storage.Path) -> dict[str, Any]:
     """Everything that determines the records: the encode and model fields (all but IGNORED),
     the source's identity and size, and the base model's identity."""
     return {**fingerprint.config_settings(config, ("model", "encode"), IGNORED),
@@ -69,7 +69,7 @@ def _settings(config: Any, spec: SourceSpec, num_rows: int, workdir: Path) -> di
             "source.identity": _source_identity(spec, workdir), "source.rows": num_rows}
 
 
-def _source_identity(spec: SourceSpec, workdir: Path) -> str:
+def _source_identity(spec: SourceSpec, workdir: storage.Path) -> str:
     """Names and sizes (metadata: contents) of the files the source reads; for a folder, only its
     images, captions and metadata files, so that other files kept there do not count."""
     path = Path(spec.path)
@@ -78,9 +78,10 @@ def _source_identity(spec: SourceSpec, workdir: Path) -> str:
     from agfsync_jax.encoding.folder_source import IMAGE_EXTENSIONS
 
     h = hashlib.sha256()
-    skip = workdir.resolve()
+    # The source is local: a gs:// work directory cannot be inside it.
+    skip = None if storage.is_remote(workdir) else Path(workdir).resolve()
     for p in sorted(path.rglob("*")):
-        if not p.is_file() or p.resolve().is_relative_to(skip):
+        if not p.is_file() or (skip is not None and p.resolve().is_relative_to(skip)):
             continue
         if p.suffix.lower() in IMAGE_EXTENSIONS + (".txt",):
             h.update(f"{p.relative_to(path)}:{p.stat().st_size}\0".encode())
@@ -89,11 +90,11 @@ def _source_identity(spec: SourceSpec, workdir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _summary_path(pairs_dir: Path, suffix: str) -> Path:
+def _summary_path(pairs_dir: storage.Path, suffix: str) -> Path:
     return pairs_dir / f"{SUMMARY_PREFIX}{suffix}.json"
 
 
-def _check_pairs_dir(pairs_dir: Path) -> None:
+def _check_pairs_dir(pairs_dir: storage.Path) -> None:
     """WORKDIR/pairs must be empty or ours: the scoring stage writes the same shard names."""
     if not pairs_dir.is_dir():
         return
@@ -155,7 +156,7 @@ def image_key_data(seed: int, row_index: int, slot: int) -> np.ndarray:
 class _Encoder:
     """Reads this process's shards, feeds the program fixed-size batches, writes finished shards."""
 
-    def __init__(self, config: Any, source: ImageSource, pairs_dir: Path, num_rows: int, shard_count: int):
+    def __init__(self, config: Any, source: ImageSource, pairs_dir: storage.Path, num_rows: int, shard_count: int):
         self.config = config
         self.source = source
         self.pairs_dir = pairs_dir
@@ -229,7 +230,7 @@ class _Encoder:
         self.written.append(summary)
 
 
-def _shard_done(pairs_dir: Path, j: int, shard_count: int) -> bool:
+def _shard_done(pairs_dir: storage.Path, j: int, shard_count: int) -> bool:
     suffix = workdir_lib.shard_suffix(j, shard_count)
     summary_path, shard_path = _summary_path(pairs_dir, suffix), pairs_dir / shard_filename(j, shard_count)
     if not summary_path.is_file() or not shard_path.is_file():
@@ -261,7 +262,7 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _finish(pairs_dir: Path, shard_count: int, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _finish(pairs_dir: storage.Path, shard_count: int, settings: dict[str, Any]) -> dict[str, Any] | None:
     """Metadata and the done marker, once every shard of every process is done; else None."""
     done_path = pairs_dir / workdir_lib.DONE_MARKER
     if done_path.is_file():  # removed by any run that had work left
@@ -282,7 +283,7 @@ def _finish(pairs_dir: Path, shard_count: int, settings: dict[str, Any]) -> dict
     return done
 
 
-def _settings_check(pairs_dir: Path, settings: dict[str, Any], write: bool) -> None:
+def _settings_check(pairs_dir: storage.Path, settings: dict[str, Any], write: bool) -> None:
     path = pairs_dir / SETTINGS_FILE
     if path.is_file():
         before = json.loads(path.read_text())
@@ -309,14 +310,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(int(e.batch_size), mesh.devices.size, jax.process_count())
     spec = SourceSpec.from_config(e)
-    pairs_dir = Path(workdir) / workdir_lib.PAIRS
+    pairs_dir = storage.as_path(workdir) / workdir_lib.PAIRS
     _check_pairs_dir(pairs_dir)
     source = open_source(spec)
     num_rows = len(source) if int(e.limit) == 0 else min(int(e.limit), len(source))
     if num_rows == 0:
         raise ValueError(f"{source.path}: no rows to encode")
     model_path = resolve_base_model_on_every_process(config, workdir)
-    settings = _settings(config, spec, num_rows, Path(workdir))
+    settings = _settings(config, spec, num_rows, storage.as_path(workdir))
     pairs_dir.mkdir(parents=True, exist_ok=True)
     _settings_check(pairs_dir, settings, write=is_lead)
     _sync("encode: settings")

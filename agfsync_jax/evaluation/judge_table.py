@@ -7,23 +7,23 @@ from the stage that wrote it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import workdir as workdir_lib
+from agfsync_jax import storage, workdir as workdir_lib
+from agfsync_jax.storage import Path, PathLike
 
 _QUESTION_FIELDS = {"question": str, "label": str, "wins": int, "ties": int, "losses": int,
                      "judged": int, "skipped": dict}
 
 
-def summary_path(eval_dir: str | Path) -> Path:
+def summary_path(eval_dir: PathLike) -> Path:
     """<set>/judge/summary.json for the report of the eval set directory <set>."""
-    return Path(eval_dir) / workdir_lib.JUDGE_SUMMARY
+    return storage.as_path(eval_dir) / workdir_lib.JUDGE_SUMMARY
 
 
-def load_summary(path: str | Path) -> dict[str, Any]:
+def load_summary(path: PathLike) -> dict[str, Any]:
     """The judge summary, checked for every field the table uses (errors name file and key)."""
-    path = Path(path)
+    path = storage.as_path(path)
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from agfsync_jax import storage
 from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from agfsync_jax.evaluation import judge_table, paper_tables, statistics
 from agfsync_jax.schemas import ScoreRow
+from agfsync_jax.storage import Path, PathLike
 
 GRID_CELL = 192  # pixels per image in the grids: tiny models' 32 px images are upscaled
 
@@ -81,7 +82,7 @@ def side_by_side_grid(items: Sequence[EvalItem], cell: int = GRID_CELL) -> Image
     y = header_h
     for it in items:
         for col, path in enumerate((it.base_image, it.finetuned_image)):
-            img = Image.open(path).convert("RGB").resize((cell, cell), Image.NEAREST)
+            img = storage.open_image(path).convert("RGB").resize((cell, cell), Image.NEAREST)
             grid.paste(img, (pad + col * (cell + pad), y))
         text = it.prompt if len(it.prompt) <= 60 else it.prompt[:57] + "..."
         draw.text((pad, y + cell + 4), text, fill="black", font=font)
@@ -173,11 +174,11 @@ def _markdown(metrics: dict[str, Any], grid_files: Sequence[str], plot_file: str
     return "\n".join(lines)
 
 
-def write_report(items: Sequence[EvalItem], out_dir: str | Path, grid_prompts: int = 8, seed: int = 0,
+def write_report(items: Sequence[EvalItem], out_dir: PathLike, grid_prompts: int = 8, seed: int = 0,
                  title: str = "agfsync-jax evaluation", prompt_set: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes metrics.json, report.md, the grids and the plot to `out_dir`; `prompt_set` is the
     selection summary (`prompt_selection.stratified_sample`) the report states."""
-    out_dir = Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     metrics = compute_metrics(items, seed=seed)
     if prompt_set is not None:
         metrics["prompt_set"] = prompt_set

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import shutil
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import atomic_io, base_model, done_marker, fingerprint, stage_runner, workdir as workdir_lib
+from agfsync_jax import base_model, done_marker, fingerprint, stage_runner, storage, workdir as workdir_lib
 from agfsync_jax.errors import ConfigError, InputError, MissingInputError
 from agfsync_jax.evaluation import prompt_selection
 from agfsync_jax.schemas import CATEGORIES, PromptRecord, ScoreRow, read_jsonl, read_prompts
 from agfsync_jax.score_weights import resolve_weights
+from agfsync_jax.storage import Path, PathLike
 
 MODELS = ("base", "finetuned")
 SOURCE = "source"  # <set>/source: the prompts stage's output for the set
@@ -58,8 +56,8 @@ class PromptSet:
     source_config: Any  # the prompts stage's config for it
 
 
-def _file_digest(path: str | Path) -> str:
-    p = Path(path)
+def _file_digest(path: PathLike) -> str:
+    p = storage.as_path(path)
     if p.is_dir():
         return base_model.folder_identity(p)
     if not p.is_file():
@@ -67,7 +65,7 @@ def _file_digest(path: str | Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
-def prompt_set(config: Any, workdir: str | Path) -> PromptSet:
+def prompt_set(config: Any, workdir: PathLike) -> PromptSet:
     """The eval's prompt set: its directory name, defining settings and the prompts-stage config."""
     e = config.eval
     cfg = config.copy_and_resolve_references()
@@ -95,7 +93,7 @@ def prompt_set(config: Any, workdir: str | Path) -> PromptSet:
         name = HELDOUT
         settings = fingerprint.config_settings(cfg, ("prompts",), _PROMPTS_OPERATIONAL)
         # The prompts to leave out: a changed training set changes the held-out one.
-        training = done_marker.read(Path(workdir) / workdir_lib.PROMPTS) or {}
+        training = done_marker.read(storage.as_path(workdir) / workdir_lib.PROMPTS) or {}
         settings["inputs.training_prompts"] = training.get(done_marker.FINGERPRINT, "")
     settings.update({"eval.seed": int(e.seed), "eval.num_prompts": int(e.num_prompts)})
     return PromptSet(f"{name}-{fingerprint.digest(settings)[:8]}", settings, cfg)
@@ -160,15 +158,15 @@ def _prepare_model_dir(model_dir: Path, settings: dict[str, Any], records: list[
     path = model_dir / MODEL_SETTINGS
     action = "new"
     if path.is_file():
-        changed = fingerprint.changed_fields(json.loads(path.read_text()), settings)
+        changed = fingerprint.changed_fields(storage.read_json(path), settings)
         if not changed:
             return "unchanged"
         action = f"redone ({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} changed)"
-        shutil.rmtree(model_dir)
-    atomic_io.atomic_write_jsonl(model_dir / workdir_lib.PROMPTS_FILE, [r.to_dict() for r in records])
+        storage.rmtree(model_dir)
+    storage.write_jsonl(model_dir / workdir_lib.PROMPTS_FILE, [r.to_dict() for r in records])
     done_marker.write(model_dir / workdir_lib.PROMPTS, {"source": "eval", "records": len(records)},
                       {"records": fingerprint.digest({"ids": [r.to_dict() for r in records]})})
-    atomic_io.atomic_write_json(path, settings)
+    storage.write_json(path, settings)
     return action
 
 
@@ -182,7 +180,7 @@ def _scores(model_dir: Path) -> dict[str, ScoreRow]:
 def _images(model_dir: Path) -> dict[str, Path]:
     images = {}
     for path in sorted((model_dir / workdir_lib.CANDIDATES).glob("manifest-*.jsonl")):
-        for row in atomic_io.read_complete_lines(path):
+        for row in storage.read_complete_lines(path):
             images[row["prompt_id"]] = model_dir / workdir_lib.CANDIDATES / row["image"]
     return images
 
@@ -190,7 +188,7 @@ def _images(model_dir: Path) -> dict[str, Path]:
 def run(config: Any, workdir: str) -> dict[str, Any]:
     from agfsync_jax.evaluation import report
 
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     finetuned = wd / workdir_lib.EXPORT / "pipeline"
     export_marker = done_marker.read(wd / workdir_lib.EXPORT)
     if export_marker is None:
@@ -203,11 +201,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     selection_path = set_dir / "selection.json"
     if records_path.is_file() and selection_path.is_file():
         records = read_prompts(records_path)
-        selection = json.loads(selection_path.read_text())
+        selection = storage.read_json(selection_path)
     else:
         records, selection = _select(config, wd, pset, set_dir)
-        atomic_io.atomic_write_jsonl(records_path, [r.to_dict() for r in records])
-        atomic_io.atomic_write_json(selection_path, selection)
+        storage.write_jsonl(records_path, [r.to_dict() for r in records])
+        storage.write_json(selection_path, selection)
     per_model = {name: _model_settings(cfgs[name], records) for name in MODELS}
     settings = {**pset.settings, **{f"{m}.{k}": v for m, s in per_model.items() for k, v in s.items()},
                 **fingerprint.config_settings(config, ("eval",), _JUDGE_OPERATIONAL + tuple(pset.settings))}

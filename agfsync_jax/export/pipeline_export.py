@@ -19,22 +19,27 @@ Why not diffusers' `load_flax_weights_in_pytorch_model`: it maps Flax names back
 `add_embedding.linear_1` into `add_embedding.linear.1`; it then only *warns* that those weights
 are unused and leaves them randomly initialised. We instead invert the forward PyTorch->Flax
 rules (the ones loading uses) key by key, and any parameter not matched exactly once is an error.
+
+A gs:// output folder is written to a local temp directory (the system's) and uploaded; the
+caller commits it (the export stage's done marker, written after it).
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from agfsync_jax import storage
 from agfsync_jax.errors import ConfigError
 from agfsync_jax.models.weight_conversion import ParameterMismatchError
+from agfsync_jax.storage import Path, PathLike
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Components a pipeline works without; one that model_index.json names but the base folder
@@ -101,14 +106,14 @@ def pipeline_components(index: dict[str, Any]) -> list[str]:
                   and len(v) == 2 and v[0] is not None and v[1] is not None)
 
 
-def _copy_component(src: Path, dst: Path, variant: str) -> None:
+def _copy_component(src: pathlib.Path, dst: pathlib.Path, variant: str) -> None:
     """A component folder: its configs and tokenizer files, and the weight files that loading
     with `variant` reads (renamed to the plain names), nothing else."""
     from agfsync_jax.models import weight_files
 
     try:
         used = weight_files.find_weight_files(src, variant)
-    except weight_files.WeightsNotFoundError as e:
+    except weight_files.WeightsNotFoundError:
         if any(p.suffix in (".safetensors", ".bin") for p in src.iterdir()):
             raise  # weights, but not the ones loading reads: the export would lack them
         used = []  # schedulers, tokenizers and feature extractors have no weights
@@ -129,9 +134,10 @@ def _copy_component(src: Path, dst: Path, variant: str) -> None:
         shutil.copy2(path, target)
 
 
-def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Path,
-                    variant: str = "") -> Path:
-    """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically).
+def export_pipeline(base_folder: PathLike, unet_params: Any, out_dir: PathLike,
+                    variant: str = "") -> Path | pathlib.Path:
+    """Writes base_folder's pipeline with `unet_params` as its UNet to out_dir (atomically when
+    local; uploaded file by file to gs://). `base_folder` is a local folder.
 
     `variant`: the weight variant the base was loaded with (config.model.variant).
     """
@@ -139,7 +145,16 @@ def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Pa
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    base_folder, out_dir = Path(base_folder), Path(out_dir)
+    if storage.is_remote(out_dir):
+        remote = storage.as_path(out_dir)
+        if remote.exists():
+            raise FileExistsError(f"{remote} exists; remove it or export elsewhere")
+        with tempfile.TemporaryDirectory(prefix="agfsync-export-") as tmp:
+            storage.copy_tree(export_pipeline(base_folder, unet_params, pathlib.Path(tmp) / remote.name, variant),
+                              remote)
+        return remote
+    # Local files from here on: pathlib, whose globs (rglob in _copy_component) epath refuses.
+    base_folder, out_dir = pathlib.Path(base_folder), pathlib.Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or export elsewhere")
     unet_config = UNet2DConditionModel.load_config(base_folder / "unet")
@@ -159,7 +174,7 @@ def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Pa
         index[name] = [None, None]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         for name in components:
             if name not in missing:
@@ -177,16 +192,14 @@ def export_pipeline(base_folder: str | Path, unet_params: Any, out_dir: str | Pa
     return out_dir
 
 
-def export_flax_msgpack(base_folder: str | Path, unet_params: Any, out_dir: str | Path) -> Path:
+def export_flax_msgpack(base_folder: PathLike, unet_params: Any, out_dir: PathLike) -> Path:
     """The UNet alone in diffusers' Flax format (`FlaxUNet2DConditionModel.from_pretrained`)."""
     from flax.serialization import to_bytes
 
-    from agfsync_jax.atomic_io import atomic_write_bytes, atomic_write_json
-
-    out_dir = Path(out_dir)
-    config = json.loads((Path(base_folder) / "unet" / "config.json").read_text())
-    atomic_write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
-    atomic_write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
+    out_dir = storage.as_path(out_dir)
+    config = storage.read_json(storage.as_path(base_folder) / "unet" / "config.json")
+    storage.write_json(out_dir / "config.json", {**config, "_class_name": "FlaxUNet2DConditionModel"})
+    storage.write_bytes(out_dir / "diffusion_flax_model.msgpack", to_bytes(unet_params))
     return out_dir
 
 

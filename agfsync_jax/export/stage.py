@@ -10,13 +10,13 @@ redone when they changed.
 
 from __future__ import annotations
 
-import json
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from agfsync_jax import base_model, done_marker, fingerprint, workdir as workdir_lib
+from agfsync_jax import base_model, done_marker, fingerprint, storage, workdir as workdir_lib
 from agfsync_jax.errors import MissingInputError
+from agfsync_jax.storage import PathLike
 
 PIPELINE_DIR = "pipeline"
 LORA_DIR = "lora"  # a LoRA run's adapters, for pipe.load_lora_weights(WORKDIR/export/lora)
@@ -24,10 +24,10 @@ LORA_DIR = "lora"  # a LoRA run's adapters, for pipe.load_lora_weights(WORKDIR/e
 IGNORED: tuple[str, ...] = ()
 
 
-def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
-    train_marker = done_marker.read(Path(workdir) / workdir_lib.TRAIN)
+def settings(config: Any, workdir: PathLike) -> dict[str, Any]:
+    train_marker = done_marker.read(storage.as_path(workdir) / workdir_lib.TRAIN)
     if train_marker is None:
-        raise MissingInputError(f"{Path(workdir) / workdir_lib.TRAIN}: training has not finished; run the "
+        raise MissingInputError(f"{storage.as_path(workdir) / workdir_lib.TRAIN}: training has not finished; run the "
                                 "`train` stage first")
     # The LoRA and EMA settings decide what a checkpoint holds and how it becomes a UNet.
     return {**fingerprint.config_settings(config, ("export",), IGNORED), **base_model.model_identity(config),
@@ -35,8 +35,18 @@ def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
             "inputs.train": train_marker.get(done_marker.FINGERPRINT, train_marker.get("step"))}
 
 
+def _save_lora(adapters: Any, unet_config: dict[str, Any], out: PathLike, scale: float) -> None:
+    """The adapters as diffusers-format LoRA safetensors: written locally, then moved or uploaded whole."""
+    from agfsync_jax import lora
+
+    with tempfile.TemporaryDirectory(prefix="agfsync-lora-") as tmp:
+        local = Path(tmp) / LORA_DIR
+        lora.save_diffusers_lora(adapters, unet_config, local, scale)
+        storage.publish_folder(local, out)
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     out = wd / workdir_lib.EXPORT
     current = settings(config, wd)
     marker = done_marker.read(out)
@@ -66,16 +76,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if adapters is not None:
         summary["lora"] = str(out / LORA_DIR)
     if jax.process_index() == 0:
-        # A previous attempt died after a rename but before the marker: the folders are whole
-        # (they appear atomically) but may be of another step, so rewrite them.
+        # A previous attempt died after a rename (or, on gs://, during an upload) but before the
+        # marker: the folders may be of another step, or partial, so rewrite them.
         for stale in (pipeline_dir, out / LORA_DIR):
             if stale.exists():
-                shutil.rmtree(stale)
+                storage.rmtree(stale)
         export_pipeline(base, params, pipeline_dir, variant=config.model.variant)
         if adapters is not None:
-            unet_config = json.loads((Path(base) / "unet" / "config.json").read_text())
-            lora.save_diffusers_lora(adapters, unet_config, out / LORA_DIR,
-                                     lora.adapter_scale(int(config.train.lora.rank), float(config.train.lora.alpha)))
+            _save_lora(adapters, storage.read_json(storage.as_path(base) / "unet" / "config.json"), out / LORA_DIR,
+                       lora.adapter_scale(int(config.train.lora.rank), float(config.train.lora.alpha)))
         if config.export.flax_msgpack:
             summary["flax_unet"] = str(export_flax_msgpack(base, params, out / "flax_unet"))
         done_marker.write(out, summary, current)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from agfsync_jax import storage
 from agfsync_jax.models import weight_conversion, weight_files
 from agfsync_jax.models.dtype_policy import DtypePolicy
 
@@ -102,7 +102,7 @@ def _component_config(folder: Path, component: str) -> dict[str, Any]:
 
 
 def detect_family(folder: str | Path) -> str:
-    folder = Path(folder)
+    folder = Path(storage.local_copy(folder))
     if folder.is_file():
         raise ModelFolderError(f"{folder}: a single file, not a diffusers folder: set model.path to it "
                                f"and the run converts it once (agfsync_jax/models/single_file.py)")
@@ -185,7 +185,8 @@ def load_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(
     """
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
-    folder = Path(folder)
+    # The loaders read local files: a gs:// folder is read from its local copy (storage.local_copy).
+    folder = Path(storage.local_copy(folder))
     unknown = set(components) - set(ALL_COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {ALL_COMPONENTS}")

@@ -18,21 +18,22 @@ training passes every record but the held-out ones, validation only the held-out
 reads those in a fixed order with `fixed_batches()`.
 
 Records are read by byte offset: a header-only scan of each file in the slice finds the offsets
-(and a truncated file), and TensorFlow's random-access record reader checks the CRCs of every
-record it returns. Any damage raises `PairDataError` naming the file.
+(and a truncated file), and the record reader (`agfsync_jax.storage.tfrecord`, local or gs://)
+checks both CRCs of every record it returns. Any damage raises `PairDataError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agfsync_jax.pairs.records import (PairDataError, decode_latent, decode_pair_example, scan_record_offsets)
+from agfsync_jax import storage
 from agfsync_jax.schemas import PAIR_CROSS, PAIR_SFT
+from agfsync_jax.storage import Path, PathLike, tfrecord
 from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
 # String fields of a batch (numpy object arrays; tokenization happens elsewhere).
@@ -57,38 +58,38 @@ def _split_files(data_dir: Path, split: str) -> list[tuple[Path, int]]:
 RecordPosition = tuple[str, int]
 
 
-def record_positions(data_dir: str | Path, split: str = "train") -> list[RecordPosition]:
+def record_positions(data_dir: PathLike, split: str = "train") -> list[RecordPosition]:
     """Every record's position, in dataset order, from the TFDS metadata alone."""
-    return [(path.name, i) for path, n in _split_files(Path(data_dir), split) for i in range(n)]
+    return [(path.name, i) for path, n in _split_files(storage.as_path(data_dir), split) for i in range(n)]
 
 
-def read_prompt_ids(data_dir: str | Path, split: str = "train") -> list[tuple[RecordPosition, str]]:
+def read_prompt_ids(data_dir: PathLike, split: str = "train") -> list[tuple[RecordPosition, str]]:
     """(position, prompt id) of every record of the split, in dataset order (reads every record)."""
-    tf = tensorflow_cpu_only()
-    from tensorflow.python.lib.io import tf_record
-
     out = []
-    for path, n in _split_files(Path(data_dir), split):
+    for path, n in _split_files(storage.as_path(data_dir), split):
         if not n:
             continue
         offsets = scan_record_offsets(path)
         if len(offsets) != n:
             raise PairDataError(f"{path}: holds {len(offsets)} records but dataset_info.json says {n}")
-        reader = tf_record.tf_record_random_reader(str(path))
-        for i, offset in enumerate(offsets):
-            where = f"{path} record {i} (byte {offset})"
-            try:
-                serialized, _ = reader.read(offset)
-            except (tf.errors.OpError, IndexError) as e:
-                raise PairDataError(f"{where}: unreadable ({e})") from e
-            out.append(((path.name, i), decode_pair_example(serialized, where)["prompt_id"].decode("utf-8")))
+        reader = tfrecord.RecordReader(path)
+        try:
+            for i, offset in enumerate(offsets):
+                where = f"{path} record {i} (byte {offset})"
+                try:
+                    serialized = reader.read(offset)
+                except (tfrecord.RecordFileError, OSError) as e:
+                    raise PairDataError(f"{where}: unreadable ({e})") from e
+                out.append(((path.name, i), decode_pair_example(serialized, where)["prompt_id"].decode("utf-8")))
+        finally:
+            reader.close()
     return out
 
 
 class PairDataset:
     """An endless iterator of per-process numpy batches of preference pairs (see module doc)."""
 
-    def __init__(self, data_dir: str | Path, global_batch_size: int, seed: int, *, split: str = "train",
+    def __init__(self, data_dir: PathLike, global_batch_size: int, seed: int, *, split: str = "train",
                  process_index: int | None = None, process_count: int | None = None,
                  records: Sequence[RecordPosition] | None = None):
         if process_index is None or process_count is None:
@@ -101,7 +102,7 @@ class PairDataset:
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of "
                              f"the process count {process_count}")
-        self.data_dir, self.split, self.seed = Path(data_dir), split, int(seed)
+        self.data_dir, self.split, self.seed = storage.as_path(data_dir), split, int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // process_count
@@ -178,15 +179,12 @@ class PairDataset:
     def _read(self, local_index: int) -> tuple[dict[str, Any], str]:
         path, offset, index_in_file = self._records[local_index]
         where = f"{path} record {index_in_file} (byte {offset})"
-        tf = tensorflow_cpu_only()
-        from tensorflow.python.lib.io import tf_record  # the public API has no random access
-
         reader = self._readers.get(path)
         if reader is None:
-            reader = self._readers[path] = tf_record.tf_record_random_reader(str(path))
+            reader = self._readers[path] = tfrecord.RecordReader(path)
         try:
-            serialized, _ = reader.read(offset)
-        except (tf.errors.OpError, IndexError) as e:
+            serialized = reader.read(offset)
+        except (tfrecord.RecordFileError, OSError) as e:
             raise PairDataError(f"{where}: unreadable ({e})") from e
         return decode_pair_example(serialized, where), where
 

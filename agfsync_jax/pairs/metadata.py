@@ -10,22 +10,23 @@ crashed the interpreter (SIGSEGV inside TensorFlow) when JAX was loaded in the s
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
+from agfsync_jax import storage
 from agfsync_jax.pairs.records import (DATASET_NAME, FILE_FORMAT, SPLIT, scan_record_offsets, shard_filename,
                                       tfds_features)
+from agfsync_jax.storage import PathLike
 from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
 DESCRIPTION = ("AGFSync/InstructEngine preference pairs: winner and loser latents (float16 bytes + "
                "shape), optional PNGs, and every score of both (scores_json).")
 
 
-def write_tfds_metadata(pairs_dir: str | Path, shard_count: int) -> int:
+def write_tfds_metadata(pairs_dir: PathLike, shard_count: int) -> int:
     """Writes dataset_info.json and features.json for all `shard_count` shards; returns #pairs."""
     tensorflow_cpu_only()
     import tensorflow_datasets as tfds
 
-    pairs_dir = Path(pairs_dir)
+    pairs_dir = storage.as_path(pairs_dir)
     missing = [shard_filename(i, shard_count) for i in range(shard_count)
                if not (pairs_dir / shard_filename(i, shard_count)).is_file()]
     if missing:
@@ -43,7 +44,7 @@ def write_tfds_metadata(pairs_dir: str | Path, shard_count: int) -> int:
                                              filetype_suffix=FILE_FORMAT)
     lengths = [len(scan_record_offsets(path)) for path in shards]  # a truncated shard raises naming it
     info = tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths,
-                               num_bytes=sum(path.stat().st_size for path in shards), filename_template=template)
+                               num_bytes=sum(storage.size(path) for path in shards), filename_template=template)
     tfds.folder_dataset.write_metadata(data_dir=pairs_dir, features=tfds_features(), split_infos=[info],
                                        filename_template=template, check_data=False, description=DESCRIPTION)
     return sum(lengths)

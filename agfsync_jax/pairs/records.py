@@ -4,22 +4,21 @@ Writers (the score stage, the encode stage) build a feature dict with `pair_feat
 shards with `write_tfrecord`; the training reader (`agfsync_jax.pairs.dataset`) decodes them with
 `decode_pair_example`. Both sides are built from schemas.PAIR_FEATURES, and examples are
 serialized by TFDS's own serializer, so `tfds.builder_from_directory` decodes what we write.
+Shards are framed by `agfsync_jax.storage.tfrecord` (byte for byte what tf.io.TFRecordWriter
+writes), so they can be written to and read from gs:// too.
 Latents are stored as float16 bytes (C-order) plus their shape: half the size of float32, and SD
 latents (|x| < ~10) lose nothing that matters for DPO at float16's 11-bit precision.
 """
 
 from __future__ import annotations
 
-import os
-import struct
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agfsync_jax import workdir as workdir_lib
+from agfsync_jax.storage import PathLike, tfrecord
 from agfsync_jax.schemas import LATENT_DTYPE, PAIR_FEATURES
 from agfsync_jax.tf_cpu import tensorflow_cpu_only
 
@@ -83,32 +82,10 @@ def pair_features(*, pair_kind: str, prompt_id: str, category: str, prompt: str,
     return example
 
 
-def write_tfrecord(path: str | Path, serialized: Iterable[bytes]) -> int:
-    """Writes records to `path` atomically (temp file, fsync, rename); returns the count."""
-    tf = tensorflow_cpu_only()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name must not match the TFDS shard pattern, or metadata could count a torn file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
-    os.close(fd)
-    count = 0
-    try:
-        with tf.io.TFRecordWriter(tmp) as writer:
-            for record in serialized:
-                writer.write(record)
-                count += 1
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
-
-
-# TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC.
-_HEADER_BYTES = 12
-_FOOTER_BYTES = 4
+def write_tfrecord(path: PathLike, serialized: Iterable[bytes]) -> int:
+    """Writes records to `path` atomically (local: temp file, fsync, rename; gs://: one upload);
+    returns the count. The local temp name (".<name>.*.tmp") matches no TFDS shard pattern."""
+    return tfrecord.write_records(path, serialized)
 
 
 class PairDataError(IOError):
@@ -160,26 +137,13 @@ def decode_latent(data: bytes, shape: tuple[int, ...], where: str) -> np.ndarray
     return np.frombuffer(data, dtype=LATENT_DTYPE).reshape(shape).copy()
 
 
-def scan_record_offsets(path: Path) -> list[int]:
+def scan_record_offsets(path: PathLike) -> list[int]:
     """Byte offsets of the records of a TFRecord file, from the length headers alone.
 
     A file that ends inside a record (a truncated copy, a writer killed mid-write) raises
     PairDataError naming the file, the record and the byte position.
     """
-    size = path.stat().st_size
-    offsets: list[int] = []
-    pos = 0
-    with path.open("rb") as f:
-        while pos < size:
-            if size - pos < _HEADER_BYTES:
-                raise PairDataError(f"{path}: truncated TFRecord file: record {len(offsets)} at byte {pos} "
-                                    f"has an incomplete header ({size - pos} of {_HEADER_BYTES} bytes)")
-            f.seek(pos)
-            (length,) = struct.unpack("<Q", f.read(8))
-            end = pos + _HEADER_BYTES + length + _FOOTER_BYTES
-            if end > size:
-                raise PairDataError(f"{path}: truncated TFRecord file: record {len(offsets)} at byte {pos} "
-                                    f"needs {end - pos} bytes but the file ends at byte {size}")
-            offsets.append(pos)
-            pos = end
-    return offsets
+    try:
+        return tfrecord.scan_record_offsets(path)
+    except tfrecord.RecordFileError as e:
+        raise PairDataError(str(e)) from e

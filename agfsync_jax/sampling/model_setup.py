@@ -11,9 +11,9 @@ start from the folder's own weights.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
+from agfsync_jax import storage
 from agfsync_jax.base_model import folder_identity
 from agfsync_jax.models.loading import StableDiffusion
 
@@ -26,7 +26,7 @@ def check_lora_settings(lora_path: str, lora_scale: float) -> None:
         if lora_scale != 1.0:
             raise ValueError(f"sampling.lora_scale={lora_scale!r} has no effect without sampling.lora_path")
         return
-    if not Path(lora_path).exists():
+    if not storage.as_path(lora_path).exists():
         raise FileNotFoundError(f"sampling.lora_path={lora_path!r}: no such file or folder")
 
 
@@ -34,7 +34,7 @@ def lora_identity(lora_path: str) -> dict[str, str]:
     """The sampling LoRA's part of the `sample` stage fingerprint: a changed file is a changed run."""
     if not lora_path:
         return {}
-    if not Path(lora_path).exists():
+    if not storage.as_path(lora_path).exists():
         raise FileNotFoundError(f"sampling.lora_path={lora_path!r}: no such file or folder")
     return {"sampling.lora_identity": folder_identity(lora_path)}
 

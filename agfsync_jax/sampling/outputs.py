@@ -10,7 +10,8 @@
       _DONE.json                                     written last, when every prompt is complete
 
 Files are written atomically (image, then latent) before their manifest row is appended, so a
-row always points at complete files. A candidate counts as done only when its row exists and
+row always points at complete files; on an object store the rows of a batch are uploaded after
+its files (`storage.JsonlAppender`). A candidate counts as done only when its row exists and
 its files verify (the PNG decodes to the expected size, the .npy has the expected shape, dtype
 and finite values); anything else is regenerated.
 """
@@ -19,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agfsync_jax import atomic_io
+from agfsync_jax import storage
+from agfsync_jax.storage import Path
 from agfsync_jax.sampling.work_plan import CandidateKey
 from agfsync_jax.schemas import ManifestRow
 
@@ -75,8 +75,8 @@ def write_candidate(out_dir: Path, row: ManifestRow, latent: np.ndarray, image: 
     if row.image:
         if image is None:
             raise ValueError(f"{row.prompt_id}: the row names an image but none was decoded")
-        atomic_io.atomic_write_bytes(out_dir / row.image, encode_png(image))
-    atomic_io.atomic_write_bytes(out_dir / row.latent, encode_npy(latent))
+        storage.write_bytes(out_dir / row.image, encode_png(image))
+    storage.write_bytes(out_dir / row.latent, encode_npy(latent))
 
 
 def verify_candidate(out_dir: Path, row: ManifestRow, latent_shape: tuple[int, ...],
@@ -86,7 +86,7 @@ def verify_candidate(out_dir: Path, row: ManifestRow, latent_shape: tuple[int, .
     if not latent_path.is_file():
         return f"missing {row.latent}"
     try:
-        latent = np.load(latent_path, allow_pickle=False)
+        latent = storage.read_npy(latent_path)
     except (OSError, ValueError, EOFError) as e:
         return f"unreadable {row.latent} ({e})"
     if latent.shape != tuple(latent_shape) or latent.dtype != np.float32:
@@ -97,16 +97,15 @@ def verify_candidate(out_dir: Path, row: ManifestRow, latent_shape: tuple[int, .
         return None
     if not row.image:
         return "no image recorded"
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     image_path = out_dir / row.image
     if not image_path.is_file():
         return f"missing {row.image}"
     try:
-        with Image.open(image_path) as im:
-            im.load()  # decodes every byte: a truncated or corrupted PNG fails here
-            if im.size != (image_size, image_size) or im.mode != "RGB":
-                return f"{row.image} is {im.mode} {im.size}, expected RGB {(image_size, image_size)}"
+        im = storage.open_image(image_path)  # decodes every byte: a truncated or corrupted PNG fails here
+        if im.size != (image_size, image_size) or im.mode != "RGB":
+            return f"{row.image} is {im.mode} {im.size}, expected RGB {(image_size, image_size)}"
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         return f"undecodable {row.image} ({e})"
     return None
@@ -114,11 +113,13 @@ def verify_candidate(out_dir: Path, row: ManifestRow, latent_shape: tuple[int, .
 
 def remove_stale_temp_files(out_dir: Path, prompt_ids: Iterable[str]) -> int:
     """Deletes temp files a killed writer left in these prompts' directories (only this shard's:
-    another process may be writing its own right now)."""
+    another process may be writing its own right now). Object stores have none."""
+    if storage.is_remote(out_dir):
+        return 0
     removed = 0
     for prompt_id in prompt_ids:
         for tmp in (out_dir / prompt_dir_name(prompt_id)).glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+            storage.remove(tmp)
             removed += 1
     return removed
 
@@ -136,7 +137,7 @@ def read_manifests(out_dir: Path) -> tuple[dict[CandidateKey, ManifestRow], int]
     rows: dict[CandidateKey, ManifestRow] = {}
     duplicates = 0
     for path in manifest_files(out_dir):
-        for i, obj in enumerate(atomic_io.read_complete_lines(path)):
+        for i, obj in enumerate(storage.read_complete_lines(path)):
             row = ManifestRow.from_dict(obj, f"{path} row {i + 1}")
             key = (row.prompt_id, row.instruction, row.candidate)
             if key in rows:
@@ -151,18 +152,20 @@ class ManifestWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # a repair killed half-way
-            tmp.unlink(missing_ok=True)
-        if path.exists():
-            text = path.read_text(encoding="utf-8")
-            rows = atomic_io.read_complete_lines(path)
-            if text and (not text.endswith("\n") or text.count("\n") != len(rows)):
-                # Appending after a torn line would glue the new row onto it.
-                atomic_io.atomic_write_jsonl(path, rows)
-        self._appender = atomic_io.JsonlAppender(path)
+        if not storage.is_remote(path):
+            for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # a repair killed half-way
+                storage.remove(tmp)
+        if storage.has_torn_tail(path):
+            # Appending after a torn line would glue the new row onto it.
+            storage.write_jsonl(path, storage.read_complete_lines(path))
+        self._appender = storage.JsonlAppender(path)
 
     def append(self, row: ManifestRow) -> None:
         self._appender.append(row.to_dict())
+
+    def flush(self) -> None:
+        """Makes the rows appended so far durable (on an object store: uploads them)."""
+        self._appender.flush()
 
     def close(self) -> None:
         self._appender.close()
@@ -179,14 +182,14 @@ def check_settings(out_dir: Path, settings: Mapping[str, Any], write: bool, work
 
     path = out_dir / SETTINGS_FILE
     if path.exists():
-        recorded = json.loads(path.read_text())
+        recorded = storage.read_json(path)
         changed = changed_fields(recorded, settings)
         if changed:
             detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed[:8])
             raise StageChangedError(f"sample: the candidates in {out_dir} were sampled with other settings ({detail}); "
                                     f"{redo_hint('sample', workdir or out_dir.parent)}")
     elif write:
-        atomic_io.atomic_write_json(path, dict(settings))
+        storage.write_json(path, dict(settings))
 
 
 def missing_keys(expected: Iterable[CandidateKey], rows: Mapping[CandidateKey, ManifestRow]) -> list[CandidateKey]:

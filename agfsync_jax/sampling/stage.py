@@ -17,7 +17,6 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from agfsync_jax import base_model, done_marker, fingerprint, sharding
+from agfsync_jax import base_model, done_marker, fingerprint, sharding, storage
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.base_model import resolve_base_model_on_every_process
 from agfsync_jax.errors import MissingInputError, StageFailedError
@@ -36,6 +35,7 @@ from agfsync_jax.sampling.compile_count import CompileCounter
 from agfsync_jax.sampling.program import SamplingProgram, check_batch_layout
 from agfsync_jax.sampling.work_plan import Example, ShardSpec, plan_examples, shard_examples
 from agfsync_jax.schemas import ManifestRow, read_prompts
+from agfsync_jax.storage import Path, PathLike
 
 # PNG encoding (zlib) releases the GIL; a few threads keep the host ahead of the devices.
 _WRITER_THREADS = 4
@@ -50,11 +50,11 @@ class CandidatesFailedError(StageFailedError):
 IGNORED = ("sampling.batch_size", "sampling.microbatch", "sampling.shard_params") + base_model.COVERED_BY_IDENTITY
 
 
-def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
+def settings(config: Any, workdir: PathLike) -> dict[str, Any]:
     """Everything that determines the candidates' content: the model, sampling and seed fields
     (all but IGNORED), the base model's identity (which fixes what sampling.scheduler="" resolves
     to), a sampling LoRA's identity and the prompts they were sampled for."""
-    prompts = done_marker.read(Path(workdir) / workdir_lib.PROMPTS) or {}
+    prompts = done_marker.read(storage.as_path(workdir) / workdir_lib.PROMPTS) or {}
     return {**fingerprint.config_settings(config, ("seed", "model", "sampling"), IGNORED),
             **base_model.model_identity(config), **model_setup.lora_identity(config.sampling.lora_path),
             "inputs.prompts": prompts.get(done_marker.FINGERPRINT, "")}
@@ -155,6 +155,7 @@ class _Writer:
             if example.key not in self.rows_before:
                 self.manifest.append(row)
             self.written += 1
+        self.manifest.flush()  # the batch's rows, after its files
         return sum(e is not None for e in group)
 
     def close(self) -> None:
@@ -272,7 +273,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     check_batch_layout(config.sampling.batch_size, config.sampling.microbatch, mesh.devices.size,
                        jax.process_count())
-    plan = _plan(config, Path(workdir), is_lead)
+    plan = _plan(config, storage.as_path(workdir), is_lead)
     if plan.todo and is_lead:
         done_marker.clear(plan.out_dir)
     local_batch = config.sampling.batch_size // jax.process_count()

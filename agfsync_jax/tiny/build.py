@@ -2,7 +2,8 @@
 
     save_tiny_pipeline("sd1", out, seed=0, pretraining=Pretraining(300, 64, 1e-3))
 
-The folder appears whole or not at all, and carries `tiny_model.json` (the settings that decide
+The folder appears whole or not at all (in a gs:// folder: it is built locally and uploaded, the
+build record last), and carries `tiny_model.json` (the settings that decide
 its weights), so that a cached folder built with other settings is refused (`check_build`)
 instead of silently reused.
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Any
 
+from agfsync_jax import storage
 from agfsync_jax.errors import ConfigError
+from agfsync_jax.storage import Path, PathLike
 
 BUILD_RECORD = "tiny_model.json"
 
@@ -47,8 +50,8 @@ def build_record(family: str, seed: int, pretraining: Pretraining | None = None)
     return record
 
 
-def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, safetensors: bool = True,
-                       pretraining: Pretraining | None = None) -> Path:
+def save_tiny_pipeline(family: str, out: PathLike, seed: int = 0, safetensors: bool = True,
+                       pretraining: Pretraining | None = None) -> Path | pathlib.Path:
     """Builds and saves a tiny pipeline; the folder appears whole or not at all.
 
     With `pretraining` the UNet is first pretrained into a denoiser of synthetic latents
@@ -56,9 +59,17 @@ def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, safetensors:
     """
     from agfsync_jax.tiny.pipeline import build_tiny_pipeline
 
-    out = Path(out)
+    out = storage.as_path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="agfsync-tiny-") as tmp:
+            local = save_tiny_pipeline(family, storage.as_path(tmp) / out.name, seed, safetensors, pretraining)
+            record = (local / BUILD_RECORD).read_bytes()
+            (local / BUILD_RECORD).unlink()
+            storage.copy_tree(local, out)
+            storage.write_bytes(out / BUILD_RECORD, record)  # last: its presence means complete
+        return out
     record = build_record(family, seed, pretraining)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -79,18 +90,18 @@ def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, safetensors:
         final.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return pathlib.Path(out)  # local callers get the pathlib.Path they always got (epath has no `**` glob)
 
 
-def read_build(folder: str | Path) -> dict[str, Any]:
+def read_build(folder: PathLike) -> dict[str, Any]:
     """The build record of a tiny model folder; folders from before it existed hold random UNets."""
-    path = Path(folder) / BUILD_RECORD
+    path = storage.as_path(folder) / BUILD_RECORD
     return json.loads(path.read_text()) if path.is_file() else {"pretrain_steps": 0, "legacy": True}
 
 
-def check_build(folder: str | Path, expected: dict[str, Any]) -> None:
+def check_build(folder: PathLike, expected: dict[str, Any]) -> None:
     """Raises `ConfigError` if the tiny model in `folder` was built with other settings than `expected`."""
-    folder = Path(folder)
+    folder = storage.as_path(folder)
     found = read_build(folder)
     legacy = found.get("legacy", False)
     for key in ("pretrain_steps",) if legacy else tuple(expected):

@@ -19,7 +19,6 @@ A restore that fails, or whose values do not match the fingerprint saved with th
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from agfsync_jax import workdir as workdir_lib
+from agfsync_jax import storage, workdir as workdir_lib
+from agfsync_jax.storage import Path, PathLike
 
 STATE = "state"
 META = "meta"
@@ -93,10 +93,10 @@ def _verify(where: str, step_dir: Path, saved: dict[str, Any], restored: dict[st
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` that knows our two items."""
 
-    def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: PathLike, *, save_every: int, keep: int, async_save: bool = True):
         if save_every < 1 or keep < 1:
             raise ValueError(f"checkpoint_every={save_every} and keep_checkpoints={keep} must be >= 1")
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         self.save_every = save_every
         # We decide when to save (`should_save`): orbax's own interval policy also saves the
         # first step of every run, which would put an off-schedule checkpoint after each resume.
@@ -150,7 +150,7 @@ class Checkpointer:
         self._manager.close()
 
 
-def read_checkpoint(directory: str | Path, step: int | None = None,
+def read_checkpoint(directory: PathLike, step: int | None = None,
                     fields: tuple[str, ...] = ("params",)) -> tuple[int, dict[str, Any]]:
     """(step, {field: host numpy tree}) of a checkpoint's train state, e.g. for export.
 
@@ -159,7 +159,7 @@ def read_checkpoint(directory: str | Path, step: int | None = None,
     `step=None` takes the latest. Raises `CheckpointRestoreError` when there is no such
     checkpoint, it cannot be read, or what it read does not match the fingerprint saved with it.
     """
-    directory = Path(directory).absolute()
+    directory = storage.absolute(directory)
     checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
     try:
         steps = checkpointer.all_steps()
@@ -192,12 +192,12 @@ def read_checkpoint(directory: str | Path, step: int | None = None,
     return step, {f: values[f] for f in fields}
 
 
-def load_params(directory: str | Path, step: int | None = None) -> tuple[int, Any]:
+def load_params(directory: PathLike, step: int | None = None) -> tuple[int, Any]:
     """(step, UNet parameters as host numpy arrays): what export and evaluation need."""
     step, values = read_checkpoint(directory, step, ("params",))
     return step, values["params"]
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
+def checkpoint_dir(workdir: PathLike) -> Path:
     """WORKDIR/train/checkpoints."""
-    return Path(workdir) / workdir_lib.TRAIN / CHECKPOINTS
+    return storage.as_path(workdir) / workdir_lib.TRAIN / CHECKPOINTS

@@ -9,11 +9,10 @@ would train nothing while reporting a loss of log 2.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
-from agfsync_jax import workdir as workdir_lib
+from agfsync_jax import storage, workdir as workdir_lib
 from agfsync_jax.schemas import PAIR_CROSS, PAIR_SFT
 from agfsync_jax.training.losses import LossSpec
 
@@ -24,13 +23,13 @@ def _sft_refusal(spec: LossSpec, what: str) -> str:
             "preference pairs (two encode.image_keys)")
 
 
-def check_dataset(spec: LossSpec, pairs_dir: str | Path) -> None:
+def check_dataset(spec: LossSpec, pairs_dir: storage.PathLike) -> None:
     """Refuses a loss that cannot train on the dataset, from the counts in its done marker.
 
     The encode stage's marker counts records per kind (`pairs_by_kind`); a marker without
     counts (the scoring stage's) leaves the check to `check_batch`.
     """
-    path = Path(pairs_dir) / workdir_lib.DONE_MARKER
+    path = storage.as_path(pairs_dir) / workdir_lib.DONE_MARKER
     if not path.is_file():
         return
     kinds = json.loads(path.read_text()).get("pairs_by_kind") or {}

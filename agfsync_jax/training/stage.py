@@ -10,13 +10,12 @@ the changed fields named: mixing two configurations in one run would be neither.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
-from agfsync_jax import atomic_io, base_model, done_marker, fingerprint, workdir as workdir_lib
+from agfsync_jax import base_model, done_marker, fingerprint, storage, workdir as workdir_lib
 from agfsync_jax.errors import MissingInputError, StageChangedError
+from agfsync_jax.storage import Path, PathLike
 
 # Fields that change how a run is logged, saved or laid out on devices, not the weights it reaches.
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.nonfinite") + base_model.COVERED_BY_IDENTITY
@@ -26,10 +25,10 @@ SETTINGS_FILE = "settings.json"
 CONTINUABLE = ("train.steps",)
 
 
-def settings(config: Any, workdir: str | Path) -> dict[str, Any]:
-    pairs = done_marker.read(Path(workdir) / workdir_lib.PAIRS)
+def settings(config: Any, workdir: PathLike) -> dict[str, Any]:
+    pairs = done_marker.read(storage.as_path(workdir) / workdir_lib.PAIRS)
     if pairs is None:
-        raise MissingInputError(f"{Path(workdir) / workdir_lib.PAIRS}: no finished pair dataset; run the "
+        raise MissingInputError(f"{storage.as_path(workdir) / workdir_lib.PAIRS}: no finished pair dataset; run the "
                                 "`score` stage first (or `encode` for an external dataset)")
     return {**fingerprint.config_settings(config, ("seed", "model", "train"), IGNORED),
             **base_model.model_identity(config),
@@ -40,17 +39,17 @@ def _check_run_in_progress(train_dir: Path, current: dict[str, Any], workdir: Pa
     """Refuses to resume checkpoints made with other settings; records the settings otherwise."""
     path = train_dir / SETTINGS_FILE
     if path.is_file():
-        changed = [f for f in fingerprint.changed_fields(json.loads(path.read_text()), current)
+        changed = [f for f in fingerprint.changed_fields(storage.read_json(path), current)
                    if f not in CONTINUABLE]
         if changed:
             raise StageChangedError(
                 f"train: the checkpoints in {train_dir} were made with other settings ({', '.join(changed[:8])} "
                 f"changed); {done_marker.redo_hint('train', workdir)}")
-    atomic_io.atomic_write_json(path, current)
+    storage.write_json(path, current)
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     train_dir = wd / workdir_lib.TRAIN
     current = settings(config, wd)
     marker = done_marker.read(train_dir)

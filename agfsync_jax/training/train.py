@@ -21,7 +21,6 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -30,12 +29,13 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from agfsync_jax import atomic_io, lora, sharding, workdir as workdir_lib
+from agfsync_jax import atomic_io, lora, sharding, storage, workdir as workdir_lib
 from agfsync_jax.base_model import resolve_base_model_on_every_process
 from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 from agfsync_jax.models.dtype_policy import DtypePolicy
 from agfsync_jax.models.loading import FAMILY_SDXL, StableDiffusion, load_stable_diffusion
 from agfsync_jax.models.text_encoding import sdxl_time_ids
+from agfsync_jax.storage import Path, PathLike
 from agfsync_jax.training import (
     checkpointing, losses, noise as noise_lib, pair_kinds, summaries, text as text_lib, validation, validation_split)
 from agfsync_jax.training.train_state import (
@@ -67,13 +67,13 @@ class PairSource(Protocol):
     def restore(self, state: dict[str, Any]) -> None: ...
 
 
-def open_pairs(config: Any, workdir: str | Path,
+def open_pairs(config: Any, workdir: PathLike,
                split: validation_split.Split | None = None) -> PairSource:
     """This process's slice of WORKDIR/pairs (without the held-out pairs of `split`), batched:
     the loop's only tie to the data format."""
     from agfsync_jax.pairs.dataset import PairDataset
 
-    return PairDataset(Path(workdir) / workdir_lib.PAIRS, global_batch_size=int(config.train.batch_size),
+    return PairDataset(storage.as_path(workdir) / workdir_lib.PAIRS, global_batch_size=int(config.train.batch_size),
                        seed=int(config.train.shuffle_seed), records=None if split is None else split.train)
 
 
@@ -158,13 +158,18 @@ def _frozen(config: Any, spec: losses.LossSpec, sd: StableDiffusion, param_shard
 
 
 class _Reporter:
-    """Console (absl), tqdm and TensorBoard output of process 0; silent elsewhere."""
+    """Console (absl), tqdm and TensorBoard output of process 0; silent elsewhere.
+
+    TensorFlow writes the event files into a `storage.LocalMirror` of train/tensorboard: the
+    directory itself when local; for gs:// a local one uploaded after every flush.
+    """
 
     def __init__(self, train_dir: Path, total_steps: int, start_step: int):
         self.active = jax.process_index() == 0
         self.total = total_steps
         self._writer = None
         self._bar = None
+        self._mirror = None
         if not self.active:
             return
         from tqdm import tqdm
@@ -176,7 +181,8 @@ class _Reporter:
         # tf.summary.scalar needs the tensorboard package; summaries.py writes what it writes.
         self._scalar = summaries.scalar_metadata()
         self._samples_dir = train_dir / VAL_SAMPLES
-        self._writer = tf.summary.create_file_writer(str(train_dir / TENSORBOARD))
+        self._mirror = storage.LocalMirror(train_dir / TENSORBOARD)
+        self._writer = tf.summary.create_file_writer(str(self._mirror.local))
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def advance(self) -> None:
@@ -194,6 +200,7 @@ class _Reporter:
             for tag, value in scalars.items():
                 self._tf.summary.write(tag, self._tf.constant(value, self._tf.float32), metadata=self._scalar)
         self._writer.flush()
+        self._mirror.sync()
         speed = ""
         if steps_per_sec:
             eta = round((self.total - step) / steps_per_sec)
@@ -226,6 +233,7 @@ class _Reporter:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
+            self._mirror.close()
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -306,16 +314,16 @@ def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) ->
                       resolution=int(config.model.resolution), initial_params=initial)
 
 
-def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: PathLike) -> dict[str, Any]:
     """Trains to `config.train.steps`, resuming from WORKDIR/train if it holds checkpoints."""
     # diffusers' Flax classes warn on every instantiation; the pin in setup.py is deliberate.
     warnings.filterwarnings("ignore", message="Flax classes are deprecated")
     cfg = config.train
-    train_dir = Path(workdir) / workdir_lib.TRAIN
+    train_dir = storage.as_path(workdir) / workdir_lib.TRAIN
     total_steps = int(cfg.steps)
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh)  # before loading anything
-    pairs_dir = Path(workdir) / workdir_lib.PAIRS
+    pairs_dir = storage.as_path(workdir) / workdir_lib.PAIRS
     pair_kinds.check_dataset(losses.get_loss(cfg.loss), pairs_dir)
     validation.check_config(cfg, validation_split.check_settings(cfg)
                             or (train_dir / validation_split.SPLIT_FILE).is_file())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from agfsync_jax import sharding
+from agfsync_jax import sharding, storage
 from agfsync_jax.models.loading import StableDiffusion
 from agfsync_jax.pairs.dataset import PairDataset
 from agfsync_jax.training.summaries import tile
@@ -79,7 +78,7 @@ class Validator:
         self._grid = grid
 
     @classmethod
-    def build(cls, config: Any, sd: StableDiffusion, mesh: Mesh, *, pairs_dir: Path, split: Split | None,
+    def build(cls, config: Any, sd: StableDiffusion, mesh: Mesh, *, pairs_dir: storage.Path, split: Split | None,
               eval_step: Callable[..., dict[str, jax.Array]], frozen: Any,
               inputs: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], unet_shardings: Any,
               ) -> "Validator | None":

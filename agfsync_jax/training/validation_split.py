@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 
-from agfsync_jax import atomic_io
+from agfsync_jax import atomic_io, storage
 from agfsync_jax.pairs.dataset import RecordPosition, read_prompt_ids, record_positions
 
 SPLIT_FILE = "val_split.json"
@@ -77,12 +76,12 @@ def check_settings(train_cfg: Any) -> bool:
     return fraction > 0 or pairs > 0
 
 
-def _dataset_shape(pairs_dir: Path) -> dict[str, Any]:
+def _dataset_shape(pairs_dir: storage.Path) -> dict[str, Any]:
     info = json.loads((pairs_dir / "dataset_info.json").read_text())
     return {"splits": [{"name": s.get("name"), "shardLengths": s.get("shardLengths")} for s in info.get("splits", [])]}
 
 
-def make_split(train_cfg: Any, pairs_dir: Path) -> dict[str, Any]:
+def make_split(train_cfg: Any, pairs_dir: storage.Path) -> dict[str, Any]:
     """Scans the dataset's prompt ids and returns the record to write (see module docstring)."""
     records = read_prompt_ids(pairs_dir)
     ids = held_out_ids([p for _, p in records], float(train_cfg.val_fraction), int(train_cfg.val_pairs))
@@ -96,18 +95,18 @@ def make_split(train_cfg: Any, pairs_dir: Path) -> dict[str, Any]:
             "held_out_prompt_ids": sorted(ids)}
 
 
-def _from_record(record: dict[str, Any], pairs_dir: Path) -> Split:
+def _from_record(record: dict[str, Any], pairs_dir: storage.Path) -> Split:
     held = [(str(name), int(i)) for name, i in record["held_out"]]
     held_set = set(held)
     train = [pos for pos in record_positions(pairs_dir) if pos not in held_set]
     return Split(train=train, held_out=held, held_out_prompt_ids=list(record["held_out_prompt_ids"]))
 
 
-def load_or_make_split(train_cfg: Any, pairs_dir: str | Path, train_dir: str | Path, *,
+def load_or_make_split(train_cfg: Any, pairs_dir: storage.PathLike, train_dir: storage.PathLike, *,
                        resuming: bool) -> Split | None:
     """The run's split, or None when there is none. Every process calls this: process 0 makes
     and writes the split on a first start, then all read the recorded file."""
-    pairs_dir, path = Path(pairs_dir), Path(train_dir) / SPLIT_FILE
+    pairs_dir, path = storage.as_path(pairs_dir), storage.as_path(train_dir) / SPLIT_FILE
     wanted = check_settings(train_cfg)
     if wanted and resuming and not path.is_file():
         raise ValueError(f"train.val_fraction / train.val_pairs are set but this run started without a held-out "

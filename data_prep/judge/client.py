@@ -14,9 +14,10 @@ import base64
 import dataclasses
 import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
+from agfsync_jax import storage
+from agfsync_jax.storage import Path, PathLike
 from agfsync_jax.errors import UserError
 from data_prep.judge import protocol
 from data_prep.prompts.chat_backend import LLMEndpointError
@@ -45,8 +46,8 @@ class JudgeImage:
     sha256: str
 
     @classmethod
-    def read(cls, path: str | Path) -> "JudgeImage":
-        path = Path(path)
+    def read(cls, path: PathLike) -> "JudgeImage":
+        path = storage.as_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: image named by the eval manifest is missing; "
                                     "re-run the eval stage's sampling")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from pathlib import Path
 
+from agfsync_jax import storage
+from agfsync_jax.storage import Path, PathLike
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.atomic_io import read_complete_lines
 from agfsync_jax.schemas import ManifestRow, PromptRecord, SchemaError, read_prompts
@@ -58,9 +59,9 @@ def _manifest_rows(model_dir: Path) -> dict[str, ManifestRow]:
     return rows
 
 
-def load_pairs(eval_dir: str | Path) -> tuple[list[ImagePair], collections.Counter[str]]:
+def load_pairs(eval_dir: PathLike) -> tuple[list[ImagePair], collections.Counter[str]]:
     """The pairs in prompt-file order, and the count of prompts skipped per reason."""
-    eval_dir = Path(eval_dir)
+    eval_dir = storage.as_path(eval_dir)
     records = _prompts(eval_dir)
     manifests = {m: _manifest_rows(eval_dir / m) for m in (BASE, FINETUNED)}
     pairs, skipped = [], collections.Counter()

@@ -19,11 +19,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from agfsync_jax import storage
+from agfsync_jax.storage import Path
 from agfsync_jax import workdir as workdir_lib
 from agfsync_jax.errors import ConfigError
 from agfsync_jax.atomic_io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_complete_lines
@@ -148,7 +149,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if not judge_enabled(judge):
         print("judge: off (config.eval.judge.base_url and .model are empty)")
         return {"judge": "off"}
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     out_dir = wd / workdir_lib.JUDGE
     judgments_path = wd / workdir_lib.JUDGE_JUDGMENTS
     pairs, skipped_prompts = load_pairs(wd)

@@ -29,12 +29,13 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from agfsync_jax import storage
 from agfsync_jax.schemas import PromptRecord, Question, SchemaError
+from agfsync_jax.storage import Path
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _BOM = "\ufeff"
@@ -103,7 +104,7 @@ def _tifa_category(tifa_id: str) -> str:
 
 
 def load_tifa_questions(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     captions: dict[str, str] = {}
     questions: dict[str, list[Question]] = {}
     for line, item in iter_json_array(path):
@@ -122,7 +123,7 @@ def load_tifa_questions(path: str | Path) -> list[PromptRecord]:
 
 
 def load_tifa_text(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     records, seen = [], set()
     for line, item in iter_json_array(path):
         where = f"{path}:{line}"
@@ -169,7 +170,7 @@ def _read_table(path: Path, delimiter: str, header: list[str], quoting: int, nam
 
 
 def load_drawbench(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     rows = _read_table(path, ",", ["Prompts", "Category"], csv.QUOTE_MINIMAL, "DrawBench CSV",
                        required=(0, 1))
     return [PromptRecord(id=f"drawbench-{i:04d}", category=row[1].strip(),
@@ -178,7 +179,7 @@ def load_drawbench(path: str | Path) -> list[PromptRecord]:
 
 
 def load_partiprompts(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     # PartiPrompts quotes nothing: a '"' inside a prompt is literal text.
     rows = _read_table(path, "\t", ["Prompt", "Category", "Challenge", "Note"], csv.QUOTE_NONE,
                        "PartiPrompts TSV", required=(0, 1, 2))
@@ -199,7 +200,7 @@ def _hpsv2_file(path: Path) -> list[PromptRecord]:
 
 
 def load_hpsv2(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
@@ -230,7 +231,7 @@ def _json_object(line: str) -> dict | None:
 
 
 def load_text(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     records = []
     for line_no, line in _text_lines(path):
         if _CONTROL.search(line):
@@ -248,7 +249,7 @@ def load_text(path: str | Path) -> list[PromptRecord]:
 
 
 def load_text_dir(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     if not path.is_dir():
         raise BenchmarkFormatError(f"{path}: format text_dir wants a folder of .txt files")
     files = sorted(p for p in path.glob("*.txt") if p.is_file())
@@ -276,7 +277,7 @@ def _jsonl_questions(value: Any, key: str, where: str) -> tuple[Question, ...]:
 
 def load_jsonl(path: str | Path, prompt_key: str = "prompt", category_key: str = "category",
                questions_key: str = "") -> list[PromptRecord]:
-    path = Path(path)
+    path = storage.as_path(path)
     if not prompt_key:
         raise ValueError("prompts.benchmark.prompt_key is empty: name the field that holds the prompt")
     records = []
@@ -328,7 +329,7 @@ def load_benchmark(format_name: str, path: str | Path, prompt_key: str = "prompt
     format's (see the module docstring) and ignored by the others."""
     if format_name not in LOADERS:
         raise ValueError(f"benchmark format {format_name!r} is not one of {sorted(LOADERS)}")
-    if not Path(path).exists():
+    if not storage.as_path(path).exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     if format_name == "jsonl":
         records = load_jsonl(path, prompt_key, category_key, questions_key)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 from tqdm import tqdm
 
+from agfsync_jax import storage
 from agfsync_jax.schemas import CATEGORIES, KIND_INSTRUCTION_PAIR, PromptRecord, Question
 from data_prep.prompts import (benchmarks, instruct_engine, offline_generator, prompt_generation,
                                question_generation)
@@ -63,8 +63,8 @@ def _needs_llm(p: ml_collections.ConfigDict) -> bool:
             or (p.instruction_pairs > 0 and pair_source == "llm"))
 
 
-def llm_cache_dir(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    return Path(config.prompts.llm.cache_dir or Path(workdir) / "prompts" / "llm_cache")
+def llm_cache_dir(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> storage.Path:
+    return storage.as_path(config.prompts.llm.cache_dir or storage.as_path(workdir) / "prompts" / "llm_cache")
 
 
 def question_settings(p: ml_collections.ConfigDict) -> question_generation.QuestionSettings:
@@ -78,7 +78,7 @@ def question_settings(p: ml_collections.ConfigDict) -> question_generation.Quest
 class _Shard:
     """Accumulates one shard's records and counters."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, index: int,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: storage.PathLike, index: int,
                  count: int):
         self.config, self.p = config, config.prompts
         self.index, self.count = index, count
@@ -216,7 +216,7 @@ class _Shard:
         return self._backend.stats.as_dict()
 
 
-def make_shard_records(config: ml_collections.ConfigDict, workdir: str | Path, index: int,
+def make_shard_records(config: ml_collections.ConfigDict, workdir: storage.PathLike, index: int,
                        count: int) -> ShardResult:
     """Records of shard `index` of `count`, in a deterministic order."""
     p = config.prompts

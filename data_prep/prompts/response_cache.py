@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
+from agfsync_jax import storage
 from agfsync_jax.atomic_io import atomic_write_json
+from agfsync_jax.storage import Path, PathLike
 
 
 def request_key(backend: str, body: dict[str, Any]) -> str:
@@ -23,8 +24,8 @@ def request_key(backend: str, body: dict[str, Any]) -> str:
 
 class ResponseCache:
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: PathLike):
+        self.directory = storage.as_path(directory)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.json"

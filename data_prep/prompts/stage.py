@@ -12,18 +12,18 @@ LLM work is resumed through the on-disk response cache: redoing it issues no req
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from agfsync_jax import fingerprint as fingerprint_lib
+from agfsync_jax import storage
 from agfsync_jax.atomic_io import atomic_write_json, atomic_write_jsonl
 from agfsync_jax.done_marker import redo_hint
 from agfsync_jax.errors import StageChangedError
 from agfsync_jax.schemas import KIND_PROMPT, PromptRecord, read_prompts
+from agfsync_jax.storage import Path, PathLike
 from agfsync_jax.workdir import DONE_MARKER, PROMPTS, PROMPTS_FILE, shard_suffix
 from data_prep.prompts.dedup import NearDuplicateFilter
 from data_prep.prompts.make_records import make_shard_records
@@ -54,8 +54,8 @@ def _shard_paths(out_dir: Path, index: int, count: int) -> tuple[Path, Path]:
 
 
 def _read_marker(path: Path, expected_fingerprint: str, config: ml_collections.ConfigDict,
-                 workdir: str | Path) -> dict[str, Any]:
-    summary = json.loads(path.read_text(encoding="utf-8"))
+                 workdir: PathLike) -> dict[str, Any]:
+    summary = storage.read_json(path)
     if summary.get("fingerprint") != expected_fingerprint:
         changed = (fingerprint_lib.changed_fields(summary["settings"], settings(config)) if "settings" in summary
                    else ["<no settings recorded>"])
@@ -170,7 +170,7 @@ def _merge(config: ml_collections.ConfigDict, out_dir: Path, fp: str, count: int
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) this process's shard and merges when every shard is done."""
-    out_dir = Path(workdir) / PROMPTS
+    out_dir = storage.as_path(workdir) / PROMPTS
     fp = fingerprint(config)
     done = out_dir / DONE_MARKER
     if done.exists():

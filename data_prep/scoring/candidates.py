@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from agfsync_jax import storage
 from agfsync_jax.atomic_io import read_complete_lines
 from agfsync_jax.schemas import KIND_INSTRUCTION_PAIR, ManifestRow, PromptRecord, Question, SchemaError
+from agfsync_jax.storage import Path
 
 MANIFEST_GLOB = "manifest-*.jsonl"
 
@@ -89,9 +90,8 @@ def load_image(path: Path) -> Image.Image:
     if not path.is_file():
         raise BadCandidate("missing_image", path)
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated PNG fails here, not inside a scorer
-            return im.convert("RGB")
+        # Decoded now: a truncated PNG fails here, not inside a scorer.
+        return storage.open_image(path).convert("RGB")
     # PIL signals some malformed chunks with SyntaxError.
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadCandidate("corrupt_image", path, str(e)) from e
@@ -102,7 +102,7 @@ def load_latent(path: Path) -> np.ndarray:
     if not path.is_file():
         raise BadCandidate("missing_latent", path)
     try:
-        latent = np.load(path, allow_pickle=False)
+        latent = storage.read_npy(path)
     except (OSError, ValueError, EOFError) as e:
         raise BadCandidate("corrupt_latent", path, str(e)) from e
     if latent.dtype != np.float32 or latent.ndim != 3:

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 from absl import logging
 from tqdm import tqdm
 
-from agfsync_jax import done_marker, fingerprint, workdir as workdir_lib
+from agfsync_jax import done_marker, fingerprint, storage, workdir as workdir_lib
 from agfsync_jax.atomic_io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_complete_lines
 from agfsync_jax.errors import MissingInputError, StageChangedError, StageFailedError
 from agfsync_jax.pairs.records import PairDataError, scan_record_offsets
 from agfsync_jax.schemas import PromptRecord, ScoreRow, read_prompts
+from agfsync_jax.storage import Path
 from data_prep.scoring import candidates as candidates_lib
 from data_prep.scoring.candidates import BadCandidate, Candidate
 from data_prep.scoring.factory import build_scorers, required_scorers
@@ -79,7 +78,7 @@ def load_scores(path: Path, scorer_names: list[str], weights: dict[str, float]) 
             raise ValueError(f"{path}: candidate {row.prompt_id}/{row.instruction}/{row.candidate} has no "
                              f"{missing} score; delete the file to rescore with the current scorers")
         updated.append(dataclasses.replace(row, total=weighted_total(row.scores, weights)))
-    n_lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.exists() else 0
+    n_lines = storage.count_lines(path)
     if n_lines != len(rows) or any(a.total != b.total for a, b in zip(rows, updated)):
         atomic_write_jsonl(path, [r.to_dict() for r in updated])
     return updated
@@ -125,6 +124,7 @@ def _score_candidates(todo: list[Candidate], scorers: dict[str, Scorer], weights
                                    vqa_answers=answers[j] if answers is not None else ())
                     appender.append(row.to_dict())
                     rows.append(row)
+                appender.flush()  # a crash costs at most the batch in flight
             progress.update(len(chunk))
     return rows
 
@@ -140,7 +140,7 @@ def _write_pairs(pairs: list[Pair], by_key: dict[tuple[str, int, int], Candidate
                 latents = [candidates_lib.load_latent(candidates_dir / c.row.latent) for c in cands]
             except BadCandidate as e:
                 raise RuntimeError(f"a scored candidate's latent became unreadable after scoring: {e}") from e
-            pngs = [(candidates_dir / c.row.image).read_bytes() if store_png else b"" for c in cands]
+            pngs = [storage.read_bytes(candidates_dir / c.row.image) if store_png else b"" for c in cands]
             yield features.serialize_example(pair_example(pair, latents[0], latents[1], pngs[0], pngs[1]))
 
     return write_tfrecord(path, serialized())
@@ -155,14 +155,14 @@ def _finish_if_complete(wd: Path, shard_count: int, write_pairs: bool, settings:
         return False
     if not write_pairs:
         done_marker.write(scores_dir, {"shards": shard_count, "rows": sum(
-            json.loads(p.read_text())["rows"] for p in score_summaries)}, settings)
+            storage.read_json(p)["rows"] for p in score_summaries)}, settings)
         return True
     if done_marker.is_done(pairs_dir):
         return True
     summaries = [_summary_path(pairs_dir, s) for s in suffixes]
     if not all(p.is_file() for p in summaries):
         return False
-    per_shard = [json.loads(p.read_text()) for p in summaries]
+    per_shard = [storage.read_json(p) for p in summaries]
     num_pairs = sum(s["pairs"] for s in per_shard)
     if num_pairs == 0:
         reasons: collections.Counter = collections.Counter()
@@ -238,7 +238,7 @@ def _scores_digest(rows: list[ScoreRow]) -> str:
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Scores this shard's candidates and writes its pairs (unless scoring.pairs is False); see
     the module docstring."""
-    wd = Path(workdir)
+    wd = storage.as_path(workdir)
     shard_index, shard_count = int(config.shard.index), int(config.shard.count)
     suffix = workdir_lib.shard_suffix(shard_index, shard_count)
     scores_dir, pairs_dir = wd / workdir_lib.SCORES, wd / workdir_lib.PAIRS
@@ -252,7 +252,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     scoring_summary_path = _summary_path(scores_dir, suffix)
     redone: list[str] = []
     if scoring_summary_path.is_file():
-        previous_summary = json.loads(scoring_summary_path.read_text())
+        previous_summary = storage.read_json(scoring_summary_path)
         changed = fingerprint.changed_fields(previous_summary.get("settings", {}), settings)
         if changed:
             raise StageChangedError(
@@ -305,7 +305,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         pairing = {k: v for k, v in pairing.items() if k in PAIRING_FIELDS or k == "scores"}
         pair_summary_path = _summary_path(pairs_dir, suffix)
         shard_path = pairs_dir / shard_filename(shard_index, shard_count)
-        old = json.loads(pair_summary_path.read_text()) if pair_summary_path.is_file() else None
+        old = storage.read_json(pair_summary_path) if pair_summary_path.is_file() else None
         damage = _pair_shard_ok(shard_path) if old is not None else None
         if old is not None and old.get("pairing") == pairing and damage is None:
             summary.update({k: old[k] for k in ("pairs", "pairs_by_kind", "prompts_without_pair")})

@@ -14,10 +14,11 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from agfsync_jax import storage
+from agfsync_jax.storage import Path, PathLike
 
 IMAGE_SIZE = 24  # smaller than the tiny SD images (32 px), so the processors really resize
 PATCH_SIZE = 8
@@ -47,21 +48,12 @@ def _corpus() -> list[str]:
 
 
 def _atomic_dir(out: Path, build: Callable[[Path], None]) -> Path:
-    """Runs build(tmp) and renames tmp to `out`: the folder appears whole or not at all."""
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        build(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """Runs build(tmp) and publishes tmp as `out`: the folder appears whole or not at all
+    (`storage.build_folder`: renamed locally, uploaded and committed on gs://)."""
+    return storage.build_folder(out, build)
 
 
-def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = None) -> Path:
+def save_tiny_clip(out: PathLike, seed: int = 0, logit_scale: float | None = None) -> Path:
     """A tiny CLIPModel + CLIPProcessor folder (the CLIP score, aesthetic and PickScore path)."""
     import math
 
@@ -89,7 +81,7 @@ def save_tiny_clip(out: str | Path, seed: int = 0, logit_scale: float | None = N
                                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 def opt_tokenizer():
@@ -132,7 +124,7 @@ def t5_tokenizer():
                            extra_ids=0)
 
 
-def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path:
+def save_tiny_blip2(out: PathLike, language_model: str, seed: int = 0) -> Path:
     """A tiny Blip2ForConditionalGeneration + Blip2Processor folder with an OPT or T5 LM."""
     import torch
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
@@ -170,14 +162,14 @@ def save_tiny_blip2(out: str | Path, language_model: str, seed: int = 0) -> Path
         Blip2ForConditionalGeneration(config).save_pretrained(tmp)
         processor.save_pretrained(tmp)
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 # The tiny aesthetic head's last layer: scaled, then shifted to the middle of AVA's 1-10 ratings.
 _AESTHETIC_HEAD_SCALE, _AESTHETIC_HEAD_SHIFT = 0.9, 5.5
 
 
-def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: int = 0) -> Path:
+def save_tiny_aesthetic_head(out: PathLike, embed_dim: int = EMBED_DIM, seed: int = 0) -> Path:
     """A .pth state dict in the LAION aesthetic predictor's layout (layers.0/2/4/6/7), tiny widths.
 
     A random head rates everything near 0, off the 1-10 AVA scale that aesthetic.py maps onto
@@ -198,7 +190,7 @@ def save_tiny_aesthetic_head(out: str | Path, embed_dim: int = EMBED_DIM, seed: 
         layers[-1].weight.mul_(_AESTHETIC_HEAD_SCALE)
         layers[-1].bias.mul_(_AESTHETIC_HEAD_SCALE).add_(_AESTHETIC_HEAD_SHIFT)
     state = {f"layers.{k}": v for k, v in layers.state_dict().items()}
-    out = Path(out)
+    out = storage.as_path(out)
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(out, buf.getvalue())
@@ -217,7 +209,7 @@ TINY_HPS_MODEL_CFG = {
 HPS_CHECKPOINT = "HPS_v2_tiny.pt"
 
 
-def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
+def save_tiny_hps(out: PathLike, seed: int = 0) -> Path:
     """A folder with open_clip_config.json (TINY_HPS_MODEL_CFG) and HPS_v2_tiny.pt, a random
     open_clip model saved the way HPS ships its checkpoints ({"state_dict": ...} in a .pt).
     The scorer's fields: hps_model = "local-dir:<out>", hps_path = <out>/HPS_v2_tiny.pt."""
@@ -231,7 +223,7 @@ def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
         model = create_model(LOCAL_DIR + str(tmp))
         torch.save({"state_dict": model.state_dict()}, tmp / HPS_CHECKPOINT)
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 # The tiny VILA: decode, resize to a few pixels, a fixed random linear map (scaled by 4 so the
@@ -240,7 +232,7 @@ def save_tiny_hps(out: str | Path, seed: int = 0) -> Path:
 _VILA_SIZE = 8
 
 
-def save_tiny_vila(out: str | Path, seed: int = 0) -> Path:
+def save_tiny_vila(out: PathLike, seed: int = 0) -> Path:
     """A TensorFlow SavedModel folder with VILA's `serving_default` signature (scalar string
     `image_bytes` in, `predictions` of shape (1, 1) in (0, 1) out), random weights from `seed`."""
     import numpy as np
@@ -269,7 +261,7 @@ def save_tiny_vila(out: str | Path, seed: int = 0) -> Path:
         with tf.device("/CPU:0"):
             tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve})
 
-    return _atomic_dir(Path(out), build)
+    return _atomic_dir(storage.as_path(out), build)
 
 
 def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path | str]:
@@ -287,9 +279,9 @@ def _tiny_layout(out_dir: Path, language_model: str = "t5") -> dict[str, Path | 
     }
 
 
-def save_tiny_scorers(out_dir: str | Path, seed: int = 0, language_model: str = "t5") -> dict[str, Path]:
+def save_tiny_scorers(out_dir: PathLike, seed: int = 0, language_model: str = "t5") -> dict[str, Path]:
     """Every tiny scorer model under `out_dir`; returns the scoring config field -> path."""
-    paths = _tiny_layout(Path(out_dir), language_model)
+    paths = _tiny_layout(storage.as_path(out_dir), language_model)
     save_tiny_clip(paths["clip_path"], seed=seed)
     save_tiny_clip(paths["aesthetic_clip_path"], seed=seed + 1)
     save_tiny_aesthetic_head(paths["aesthetic_head_path"], seed=seed + 2)
@@ -297,19 +289,22 @@ def save_tiny_scorers(out_dir: str | Path, seed: int = 0, language_model: str = 
     # Real PickScore learned a logit scale near 100; 50 lets a test tell it from CLIP's fixed 100.
     save_tiny_clip(paths["pickscore_path"], seed=seed + 4, logit_scale=50.0)
     # Built after the models above (which are unchanged by them), TensorFlow last: see factory.py.
-    save_tiny_hps(Path(out_dir) / "hps", seed=seed + 5)
+    save_tiny_hps(storage.as_path(out_dir) / "hps", seed=seed + 5)
     save_tiny_vila(paths["vila_path"], seed=seed + 6)
     return paths
 
 
-def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> Any:
+def resolve_scoring_config(scoring: Any, workdir: PathLike, seed: int = 0) -> Any:
     """A copy of the scoring config; with scoring.tiny set, its model paths point at tiny random
     scorers built (once, deterministically) under `scoring.tiny_models_dir` (default
-    WORKDIR/scores/tiny_models; the eval stage points it at the training run's)."""
+    WORKDIR/scores/tiny_models; the eval stage points it at the training run's). Scorer paths
+    on gs:// are replaced by their local copies (`storage.local_copy`): the loaders read local files."""
     from agfsync_jax import workdir as workdir_lib
 
     resolved = scoring.copy_and_resolve_references()
     if not scoring.tiny:
+        for field in TINY_FIELDS:
+            setattr(resolved, field, _local(getattr(scoring, field)))
         return resolved
     from data_prep.scoring.hps import HPS_MODEL
 
@@ -318,8 +313,8 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     already = [f for f in TINY_FIELDS if getattr(scoring, f) not in ("", defaults.get(f, ""))]
     if already:
         raise ValueError(f"set either scoring.tiny or the scorer paths, not both (set: {already})")
-    root = Path(scoring.tiny_models_dir) if scoring.tiny_models_dir else Path(workdir) / workdir_lib.SCORES / _TINY_DIR
-    if not root.is_dir():
+    root = storage.as_path(scoring.tiny_models_dir or storage.as_path(workdir) / workdir_lib.SCORES / _TINY_DIR)
+    if not storage.is_complete(root):
         def build(tmp: Path) -> None:
             save_tiny_scorers(tmp, seed=seed)
 
@@ -327,8 +322,17 @@ def resolve_scoring_config(scoring: Any, workdir: str | Path, seed: int = 0) -> 
     for field, path in _tiny_layout(root).items():
         if isinstance(path, Path) and not path.exists():
             raise FileNotFoundError(f"{path} is missing from the tiny scorer models; delete {root} to rebuild")
-        setattr(resolved, field, str(path))
+        setattr(resolved, field, _local(str(path)))
     return resolved
+
+
+def _local(value: str) -> str:
+    """A scorer path (or open_clip's "local-dir:FOLDER"), a gs:// one replaced by its local copy."""
+    from data_prep.scoring.hps import LOCAL_DIR
+
+    if value.startswith(LOCAL_DIR):
+        return LOCAL_DIR + _local(value[len(LOCAL_DIR):])
+    return str(storage.local_copy(value)) if storage.is_remote(value) else value
 
 
 def _main() -> None:

@@ -226,3 +226,27 @@ def test_bad_batch_sizes_are_rejected(pair_dir):
         _dataset(path, process_count=2, batch=3)
     with pytest.raises(ValueError, match="do not fill one batch"):
         _dataset(path, process_count=2, batch=16)
+
+
+def test_a_dataset_in_a_bucket_reads_as_the_local_one(pair_dir, gcs_emulator):
+    """Shards, TFDS metadata (written by tfds through epath) and the reader, all on gs://."""
+    import tensorflow_datasets as tfds
+
+    from agfsync_jax import storage
+    from agfsync_jax.pairs.metadata import write_tfds_metadata
+    from agfsync_jax.pairs.records import shard_filename
+
+    path, _ = pair_dir
+    remote = storage.as_path(gcs_emulator.url("pairs-test", "pairs"))
+    for shard in range(len(SHARD_SIZES)):
+        name = shard_filename(shard, len(SHARD_SIZES))
+        storage.write_bytes(remote / name, (path / name).read_bytes())
+    assert write_tfds_metadata(remote, len(SHARD_SIZES)) == NUM_PAIRS
+    assert {"pairs-test/pairs/dataset_info.json", "pairs-test/pairs/features.json"} <= set(
+        gcs_emulator.object_names("pairs-test/"))
+    assert tfds.builder_from_directory(str(remote)).info.splits["train"].num_examples == NUM_PAIRS
+    local, bucket = _dataset(path), _dataset(remote)
+    for _ in range(4):  # across an epoch boundary
+        a, b = next(local), next(bucket)
+        assert list(a["prompt_id"]) == list(b["prompt_id"])
+        np.testing.assert_array_equal(a["winner_latent"], b["winner_latent"])
