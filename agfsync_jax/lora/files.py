@@ -34,6 +34,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from agfsync_jax.lora import adapters as adapters_lib, keys
+from agfsync_jax.errors import InputError
 from agfsync_jax.lora.keys import LoraKeyError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -70,11 +71,23 @@ def resolve_file(path: str | Path) -> Path:
     return found[0]
 
 
+class LoraFileError(InputError):
+    """A LoRA file is missing, damaged or not safetensors; the message names it."""
+
+
 def _read(file: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     import safetensors.torch
     from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
 
-    return safetensors.torch.load_file(str(file), device="cpu"), _load_sft_state_dict_metadata(str(file))
+    from agfsync_jax.models.weight_files import describe_damage
+
+    damage = describe_damage(Path(file))
+    if damage is not None:
+        raise LoraFileError(f"LoRA file {file} {damage}")
+    try:
+        return safetensors.torch.load_file(str(file), device="cpu"), _load_sft_state_dict_metadata(str(file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types; re-raised naming the file
+        raise LoraFileError(f"LoRA file {file} cannot be read as safetensors ({type(e).__name__}: {e})") from e
 
 
 def _peft_unet_state_dict(state: dict[str, Any], unet_config: Mapping[str, Any],

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from agfsync_jax.errors import InputError
+
 # Target groups for training (`train.lora.targets`): regular expressions over PyTorch module names.
 # "attention" is what diffusers' Diffusion-DPO LoRA example adapts (to_q, to_k, to_v, to_out.0).
 TARGET_GROUPS: dict[str, str] = {
@@ -40,7 +42,7 @@ TARGET_GROUPS: dict[str, str] = {
 }
 
 
-class LoraKeyError(ValueError):
+class LoraKeyError(InputError):
     """A LoRA weight names no UNet layer, or one of another shape; the message names file and key."""
 
 
