@@ -27,11 +27,18 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "export": ("agfsync_jax.export", "run", "trained UNet -> diffusers PyTorch pipeline folder"),
     "eval": ("agfsync_jax.evaluation.stage", "run", "base vs finetuned: win rates, scores, image grids"),
     "pipeline": ("agfsync_jax.pipeline", "run", "every stage in order, skipping finished ones"),
+    "plan": ("agfsync_jax.plan.stage", "run",
+             "compile (never run) train step and sampler for TPU topologies: memory, FLOPs, fit"),
 }
+# Stages that read and write no work directory.
+_NO_WORKDIR = ("plan",)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the run (stage artifacts).")
+flags.DEFINE_string("topology", None, "plan: TPU slices to plan for, comma-separated chip grids or "
+                    "accelerator types (v5p:2x2x1,v5e:2x4,v5e-8,v6e-8,v4-8)")
+flags.DEFINE_string("plan_out", None, "plan: also write the plan as JSON to this file")
 
 
 def _usage() -> str:
@@ -44,7 +51,7 @@ def _usage() -> str:
 def _main(argv: list[str], stage: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if _CONFIG.value is None or (_WORKDIR.value is None and stage not in _NO_WORKDIR):
         raise app.UsageError("--config and --workdir are required\n" + _usage())
     module_name, fn_name, _ = STAGES[stage]
     if stage != "prompts":  # the prompts stage must not pay for importing diffusers

@@ -76,12 +76,23 @@ def place_tree(tree: Any, shardings: Any) -> Any:
     """Host arrays -> global arrays with the given shardings.
 
     Every process holds the full host tree (it read the same checkpoint); each device gets only
-    its slice, so a large model never sits whole on one accelerator.
+    its slice, so a large model never sits whole on one accelerator. An abstract tree
+    (`jax.ShapeDtypeStruct` leaves, see `is_abstract`) is placed abstractly: its leaves get the
+    shardings and nothing is allocated, so the same code builds compile-only programs (the TPU
+    plan in agfsync_jax/plan).
     """
     def put(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def is_abstract(tree: Any) -> bool:
+    """True when every leaf is a `jax.ShapeDtypeStruct` (shapes only, no data)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     # last bits depend on the mesh shape and the bitwise reproducibility above is lost).
     c.sampling.shard_params = "replicate"
     c.sampling.save_png = True
+    # The UNet's attention kernel while sampling; the kinds are train.attention's.
+    c.sampling.attention = "diffusers"
 
     # --- scoring and pairs (data_prep.scoring, PyTorch) --------------------------------------
     c.scoring = ml_collections.ConfigDict()
@@ -145,8 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
     # saving; compile-only plans in docs/performance.md).
     c.train.remat_scope = "layers"
     # "diffusers": the Flax UNet's own attention; "fused": the same math with a flash-style
-    # backward (agfsync_jax/models/attention.py): less memory in float32, more in bfloat16 on the
-    # XLA:CPU memory plan (docs/performance.md).
+    # backward; "dot_product": jax.nn.dot_product_attention (cuDNN on GPU, XLA elsewhere);
+    # "flash": the platform's fused kernel (Pallas flash attention on TPU, cuDNN on GPU).
+    # agfsync_jax/models/attention.py; what each saves: docs/performance.md.
     c.train.attention = "diffusers"
     c.train.prompt_dropout = 0.0  # probability of training a prompt as "" (unconditional)
     c.train.nonfinite = "skip"  # "skip" (count, keep params) | "stop"
@@ -157,6 +160,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
+
+    # --- pre-flight plan (agfsync-jax plan --topology=...; agfsync_jax/plan) -----------------
+    c.plan = ml_collections.ConfigDict()
+    # Whose configs define the model when model.path is empty: "sd15" | "sdxl" (diffusers configs
+    # shipped in agfsync_jax/plan/architectures; no weights needed) | "" (model.tiny's).
+    c.plan.architecture = ""
+    c.plan.programs = "train,sample"  # which programs to compile: train, sample or both
+    # Model-FLOPs utilisation assumed for the wall-time estimate (an assumption, not a measurement).
+    c.plan.assumed_mfu = 0.4
+    # > 0: plan against this many GiB of HBM per device instead of the chip's (e.g. headroom).
+    c.plan.hbm_gib = 0.0
+    c.plan.hlo_dir = ""  # set: write each compiled program's optimised per-device HLO text there
 
     # --- export / eval -----------------------------------------------------------------------
     c.export = ml_collections.ConfigDict()

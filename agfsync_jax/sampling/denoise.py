@@ -23,9 +23,11 @@ on the device that holds the example instead of being exchanged between devices 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -43,10 +45,15 @@ class Conditioning(NamedTuple):
     time_ids: jax.Array | None = None  # (B, 6) original size, crop offset, target size
 
 
-def flax_unet(module: Any) -> EpsFn:
-    """The model-output function of a diffusers Flax UNet, in float32."""
+def flax_unet(module: Any, interceptor: Callable[..., Any] | None = None) -> EpsFn:
+    """The model-output function of a diffusers Flax UNet, in float32.
+
+    `interceptor` is a flax method interceptor applied around the UNet, e.g. another attention
+    kernel (`agfsync_jax.models.attention.interceptor_for`, from `sampling.attention`).
+    """
     def eps_fn(params, latents, timestep, context, added_cond):
-        out = module.apply({"params": params}, latents, timestep, context, added_cond_kwargs=added_cond).sample
+        with nn.intercept_methods(interceptor) if interceptor is not None else contextlib.nullcontext():
+            out = module.apply({"params": params}, latents, timestep, context, added_cond_kwargs=added_cond).sample
         return out.astype(jnp.float32)
     return eps_fn
 

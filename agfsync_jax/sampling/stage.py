@@ -85,7 +85,8 @@ def _build_program(config: Any, model_path: Path, mesh: Any) -> tuple[SamplingPr
     s = config.sampling
     sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model))
     scheduler = make_scheduler(s.scheduler, sd.scheduler_config, s.steps)
-    models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png)
+    models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png,
+                                         attention=s.attention, mesh=mesh)
     program = SamplingProgram(
         models, candidates.model_params(sd, s.save_png), candidates.unconditional(sd), mesh,
         batch_size=s.batch_size, microbatch=s.microbatch, token_length=sd.tokenizers[0].model_max_length,

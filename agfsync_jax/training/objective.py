@@ -19,6 +19,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from agfsync_jax.models import attention as attention_lib, remat as remat_lib
 from agfsync_jax.training import losses, noise as noise_lib
@@ -35,16 +36,18 @@ class Conditioning:
     time_ids: jax.Array | None = None  # (B, 6) SDXL size/crop micro-conditioning
 
 
-ATTENTION_KINDS = ("diffusers", "fused")
+ATTENTION_KINDS = attention_lib.ATTENTION_KINDS
 
 
 def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "diffusers",
-                  remat_scope: str = "layers") -> Denoiser:
+                  remat_scope: str = "layers", mesh: Mesh | None = None) -> Denoiser:
     """(params, x_t, t, cond) -> prediction (float32 or wider), with optional rematerialisation.
 
-    `attention` is "diffusers" (the Flax UNet's own attention) or "fused"
-    (`agfsync_jax.models.attention`: the same math with a flash-style backward that keeps no
-    N x N probabilities for the backward pass).
+    `attention` is one of `agfsync_jax.models.attention.ATTENTION_KINDS`: "diffusers" (the Flax
+    UNet's own attention), "fused" (the same math with a flash-style backward that keeps no
+    N x N probabilities for the backward pass), "dot_product" (`jax.nn.dot_product_attention`,
+    cuDNN on GPU) or "flash" (the platform's fused kernel: Pallas flash attention on TPU). The
+    platform is that of `mesh`'s devices (JAX's default backend without one).
 
     `remat_policy` names a `jax.checkpoint_policies` member; the UNet's activations are then
     recomputed in the backward pass except for what the policy saves (empty: no remat).
@@ -53,8 +56,7 @@ def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "di
     "blocks" (every down, mid and up block), or "unet" (the whole forward as one checkpoint,
     recomputed in full before the backward: +18% FLOPs against +11% for "layers" on SD1.5).
     """
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"train.attention={attention!r}; expected one of {ATTENTION_KINDS}")
+    attention_interceptor = attention_lib.interceptor_for(attention, mesh)
     if remat_scope not in remat_lib.SCOPES:
         raise ValueError(f"train.remat_scope={remat_scope!r}; expected one of {remat_lib.SCOPES}")
     policy = None
@@ -69,8 +71,8 @@ def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "di
         if cond.pooled is not None:
             added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         with contextlib.ExitStack() as stack:
-            if attention == "fused":
-                stack.enter_context(nn.intercept_methods(attention_lib.interceptor))
+            if attention_interceptor is not None:
+                stack.enter_context(nn.intercept_methods(attention_interceptor))
             if per_module:
                 stack.enter_context(nn.intercept_methods(remat_lib.interceptor(policy, remat_scope)))
             out = unet_module.apply({"params": params}, x_t, t, cond.embeds,
