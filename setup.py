@@ -38,6 +38,9 @@ EXTRAS = {
     "torch": ["torch>=2.4"],
     "scoring": ["torch>=2.4", "torchmetrics>=1.4"],
     "dev": ["pytest>=8", "torchmetrics>=1.4"],
+    # `agfsync-jax plan`: the TPU compiler, for compile-only plans on any machine. The libtpu
+    # that jax[tpu]==0.10.2 requires; move the pin with the jax version.
+    "tpu-plan": ["libtpu==0.0.42.*"],
 }
 
 setup(
@@ -49,7 +52,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["agfsync_jax", "agfsync_jax.*", "data_prep", "data_prep.*",
                                     "configs", "configs.*"]),
-    package_data={"data_prep": ["**/*.json"]},
+    package_data={"data_prep": ["**/*.json"], "agfsync_jax.plan": ["architectures/**/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["agfsync-jax=agfsync_jax.main:run"]},

@@ -24,11 +24,16 @@ BATCH_SPEC = P(MESH_AXES)
 
 
 def make_mesh(mesh_config: Any, devices: list[jax.Device] | None = None) -> Mesh:
-    """Mesh of shape (data, fsdp) over all devices; `data = -1` takes what fsdp leaves."""
+    """Mesh of shape (data, fsdp) over all devices; `data = -1` takes what fsdp leaves, and
+    `fsdp = -1` takes every device (data must then be -1 or 1): one config for any slice size."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     fsdp = int(mesh_config.fsdp)
     data = int(mesh_config.data)
+    if fsdp == -1:
+        if data not in (-1, 1):
+            raise ValueError(f"mesh.fsdp=-1 (every device) needs mesh.data=-1 or 1, got {data}")
+        fsdp, data = n, 1
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
     if data == -1:

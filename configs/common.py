@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     # --- device mesh -------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by the other axes
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 1  # -1: every device (parameters and optimizer state sharded over all of them)
     c.mesh.shard_params = "fsdp"  # "fsdp" | "replicate"
     # Kernels with fewer elements than this stay replicated: sharding them costs more in
     # collectives than it saves in memory.

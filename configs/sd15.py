@@ -18,6 +18,7 @@ from configs import common
 def get_config():
     c = common.base_config()
     c.model.path = ""  # required: a local diffusers SD1.5 folder
+    c.plan.architecture = "sd15"  # `agfsync-jax plan` without model.path: SD1.5's shipped configs
     c.model.resolution = 512
     c.model.compute_dtype = "bfloat16"
 

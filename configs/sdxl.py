@@ -13,6 +13,7 @@ from configs import sd15
 def get_config():
     c = sd15.get_config()
     c.model.resolution = 1024
+    c.plan.architecture = "sdxl"
     c.train.learning_rate = 1e-6  # paper, SDXL-base
     c.train.batch_size = 64  # paper
     c.mesh.fsdp = 8

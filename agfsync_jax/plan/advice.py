@@ -19,7 +19,7 @@ def _train_advice(config: Any, plan: ProgramPlan, arguments_too_big: bool | None
     accum = int(t.grad_accum_steps)
     micro = int(t.batch_size) // n // accum
     state = []
-    if int(config.mesh.fsdp) < n or config.mesh.shard_params != "fsdp":
+    if plan.mesh.get("fsdp", 1) < n or config.mesh.shard_params != "fsdp":
         state.append(f"--config.mesh.fsdp={n} --config.mesh.shard_params=fsdp (shard parameters and "
                      "optimizer state over all devices)")
     if t.text_encoding == "in_step":
@@ -46,7 +46,7 @@ def _sample_advice(config: Any, plan: ProgramPlan) -> list[str]:
     out = []
     if int(s.microbatch) > 1:
         out.append(f"--config.sampling.microbatch={int(s.microbatch) // 2} (fewer images per UNet call)")
-    if s.shard_params != "fsdp" or int(config.mesh.fsdp) < n:
+    if s.shard_params != "fsdp" or plan.mesh.get("fsdp", 1) < n:
         out.append(f"--config.sampling.shard_params=fsdp --config.mesh.fsdp={n} (shard the models over devices)")
     if config.model.compute_dtype == "float32":
         out.append("--config.model.compute_dtype=bfloat16")
