@@ -54,10 +54,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from agfsync_jax.sharding import MESH_AXES
+
 ATTENTION_KINDS = ("diffusers", "fused", "dot_product", "flash")
 # The Pallas TPU kernel tiles keys in blocks of this many tokens (its MIN_BLOCK_SIZE).
 _FLASH_BLOCK = 128
-_BATCH_AXES = ("data", "fsdp")  # agfsync_jax.sharding.MESH_AXES (not imported: models stay below sharding)
 
 def _acc(*xs: jax.Array) -> Any:
     """Accumulation dtype: float32, or wider when the inputs are (float64 in parity tests)."""
@@ -185,7 +186,7 @@ def _flash_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, mesh:
 
     if mesh is None or mesh.devices.size == 1:
         return local(q, k, v)
-    spec = P(tuple(a for a in _BATCH_AXES if a in mesh.axis_names))
+    spec = P(tuple(a for a in MESH_AXES if a in mesh.axis_names))
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
