@@ -18,10 +18,10 @@ fields `train.attention` and `sampling.attention`):
   rows (the SPMD partitioner cannot split a custom kernel; it would gather the batch instead).
   On GPU the same as "dot_product" (cuDNN). On CPU the TPU kernel in Pallas' TPU interpret
   mode, which exists to test the kernel's math, not to be fast. The kernel's key blocks are
-  multiples of 128 tokens, so attention over other lengths (the 77-token text context of
-  cross-attention, SD1.5's 8 x 8 = 64-token mid block) takes "dot_product"'s XLA path: those
-  layers are small, and the N x N memory that flash attention avoids is that of the
-  4096-token self-attention layers.
+  multiples of 128 tokens and its head size is at most 128 or a multiple of 128, so other
+  layers (the 77-token text context of cross-attention, SD1.5's 16 x 16 layers with 160-wide
+  heads and its 64-token mid block) take "dot_product"'s XLA path: those layers are small, and
+  the N x N memory that flash attention avoids is that of the 4096-token self-attention layers.
 
 "fused" in detail:
 
@@ -176,7 +176,8 @@ def _flash_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *, mesh:
                 platform: str) -> jax.Array:
     if platform == "gpu":
         return _dot_product_core(q, k, v, scale, implementation="cudnn")
-    if k.shape[1] % _FLASH_BLOCK or q.shape[1] % 8:  # see the module docstring
+    head_dim = q.shape[-1]
+    if k.shape[1] % _FLASH_BLOCK or q.shape[1] % 8 or (head_dim > 128 and head_dim % 128):  # the kernel's limits
         return _dot_product_core(q, k, v, scale, implementation="xla")
     interpret = platform != "tpu"
 

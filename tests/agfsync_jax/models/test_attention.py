@@ -86,10 +86,11 @@ def test_flash_runs_the_pallas_kernel_where_the_lengths_allow(tiny_sd1):
     from agfsync_jax.models import attention
 
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    for kv_len, expect_kernel in ((256, True), (77, False)):
-        q = jax.random.normal(keys[0], (2, 256, 2, 16))
-        k, v = (jax.random.normal(kk, (2, kv_len, 2, 16)) for kk in keys[1:])
-        scale = 16 ** -0.5
+    # (key length, head size): SD's 77-token text context and SD1.5's 160-wide heads go to XLA.
+    for kv_len, d, expect_kernel in ((256, 16, True), (77, 16, False), (256, 160, False)):
+        q = jax.random.normal(keys[0], (2, 256, 2, d))
+        k, v = (jax.random.normal(kk, (2, kv_len, 2, d)) for kk in keys[1:])
+        scale = d ** -0.5
 
         def core(q, k, v):
             return attention._flash_core(q, k, v, scale, mesh=None, platform="cpu")
