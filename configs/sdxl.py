@@ -4,7 +4,16 @@
         --config.model.path=/models/stable-diffusion-xl-base-1.0 [scoring/LLM flags as in configs/sd15.py]
 
 Produces WORKDIR/export (a diffusers SDXL folder with the finetuned UNet) and WORKDIR/eval.
-SDXL's UNet needs FSDP beyond one 80 GB device at batch 64: `--config.mesh.fsdp=8`.
+
+Sized for a TPU v5p-8 (4 chips x 95 GB): parameters and Adam state sharded over every chip
+(`mesh.fsdp=-1`), 64 pairs per step as 16 accumulated microbatches of one pair per chip,
+bfloat16 compute, per-layer remat, prompts encoded once outside the step (no text encoders in
+HBM during training). Check a slice before a run (compile only, no TPU needed):
+
+    agfsync-jax plan --config=configs/sdxl.py --topology=v5p-8
+
+On another slice keep chips x grad_accum_steps x pairs per chip = 64. The compiler plans
+behind these choices, and what was not compiled, are in docs/performance.md.
 """
 
 from configs import sd15
@@ -16,5 +25,7 @@ def get_config():
     c.plan.architecture = "sdxl"
     c.train.learning_rate = 1e-6  # paper, SDXL-base
     c.train.batch_size = 64  # paper
-    c.mesh.fsdp = 8
+    c.train.grad_accum_steps = 16  # 4 chips x 16 x 1 pair = 64
+    c.train.text_encoding = "cached"
+    c.sampling.batch_size = 4  # one image per chip per call on 4 chips
     return c
