@@ -37,3 +37,15 @@ def test_tiny_unet_forward_matches_the_analytical_count(tiny_sd1):
     counted = flop_count.count(jax.make_jaxpr(make_denoiser(unet.module))(*args)).total
     expected = analytical.unet_forward_flops(dict(unet.config), 16).total
     assert counted == pytest.approx(expected, rel=0.01)
+
+
+def test_pallas_kernels_are_counted_by_grid():
+    """The flash-attention kernel's forward does what the formula does: QK^T and PV, 2 x 2 x B x H
+    x N x N x d, whatever its tiling."""
+    from agfsync_jax.models import attention
+
+    b, n, h, d = 2, 512, 2, 16
+    q = jnp.zeros((b, n, h, d))
+    jaxpr = jax.make_jaxpr(lambda q: attention._flash_core(q, q, q, 0.25, mesh=None, platform="cpu"))(q)
+    counted = flop_count.count(jaxpr)
+    assert (counted.pallas, counted.dot) == (2 * 2 * b * h * n * n * d, 0)
