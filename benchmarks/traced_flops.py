@@ -61,7 +61,6 @@ def traced_flops(config: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    from ml_collections import config_flags  # noqa: F401  (the config files import ml_collections)
     import importlib.util
 
     from benchmarks import common
