@@ -12,8 +12,10 @@ HBM during training). Check a slice before a run (compile only, no TPU needed):
 
     agfsync-jax plan --config=configs/sdxl.py --topology=v5p-8
 
-On another slice keep chips x grad_accum_steps x pairs per chip = 64. The compiler plans
-behind these choices, and what was not compiled, are in docs/performance.md.
+The compiler's plan of the sampler fits (18.6 GiB per chip); the train step's plan was not
+compiled on the development machine (docs/performance.md, "TPU pre-flight plan"). On another
+slice keep chips x grad_accum_steps x pairs per chip = 64; on v5e chips (16 GB) also shard the
+sampler's parameters (`--config.sampling.shard_params=fsdp`).
 """
 
 from configs import sd15
