@@ -1,7 +1,7 @@
 """agfsync-jax: AGFSync / InstructEngine (AI feedback + Diffusion-DPO) for Stable Diffusion in JAX.
 
-Install PyTorch before this package (`pip install torch==2.13.0` or your CUDA build): a bare
-`torch` requirement resolved by pip pulls several GB of CUDA wheels on machines that need none.
+Install PyTorch (and torchvision, for open_clip's HPS v2 scorer) before this package, the build
+your machine needs: a bare `torch` requirement resolved by pip pulls whatever build pip picks.
 """
 
 from setuptools import find_packages, setup
@@ -43,8 +43,12 @@ EXTRAS = {
     "torch": ["torch>=2.4"],
     # open-clip-torch (with torchvision): the HPS v2 scorer. VILA runs on tensorflow-cpu (above).
     "scoring": ["torch>=2.4", "torchmetrics>=1.4", "open-clip-torch>=3.0", "torchvision"],
-    # gcp-storage-emulator: the GCS emulator the gs:// pipeline test starts.
-    "dev": ["pytest>=8", "torchmetrics>=1.4", "gcp-storage-emulator>=2024.8"],
+    # Tests: gcp-storage-emulator is the GCS emulator the gs:// pipeline test starts; peft makes
+    # the LoRA files the LoRA parity tests load through diffusers.
+    "dev": ["pytest>=8", "torchmetrics>=1.4", "gcp-storage-emulator>=2024.8", "peft>=0.13"],
+    # `agfsync-jax plan`: the TPU compiler, for compile-only plans on any machine. The libtpu
+    # that jax[tpu]==0.10.2 requires; move the pin with the jax version.
+    "tpu-plan": ["libtpu==0.0.42.*"],
 }
 
 setup(
@@ -56,7 +60,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["agfsync_jax", "agfsync_jax.*", "data_prep", "data_prep.*",
                                     "configs", "configs.*"]),
-    package_data={"data_prep": ["**/*.json"]},
+    package_data={"data_prep": ["**/*.json"], "agfsync_jax.plan": ["architectures/**/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["agfsync-jax=agfsync_jax.main:run"]},

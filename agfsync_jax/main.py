@@ -29,6 +29,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the run (stage artifacts).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of configuration and input errors too.")
+# The plan stage's own flags (absl needs every flag defined before it parses the command line).
+flags.DEFINE_string("topology", None, "plan: TPU slices to plan for, comma-separated chip grids or "
+                    "accelerator types (v5p:2x2x1,v5e:2x4,v5e-8,v6e-8,v4-8)")
+flags.DEFINE_string("plan_out", None, "plan: also write the plan as JSON to this file")
 
 
 def usage() -> str:
@@ -56,7 +60,7 @@ def _main(argv: list[str], stage_name: str) -> None:
             raise app.UsageError("usage: agfsync-jax clean STAGE --workdir=DIR")
     elif positional:
         raise app.UsageError(f"unexpected arguments: {positional}")
-    elif _CONFIG.value is None or _WORKDIR.value is None:
+    elif _CONFIG.value is None or (_WORKDIR.value is None and stage.needs_workdir):
         raise app.UsageError("--config and --workdir are required\n" + usage())
     if not stage.light:
         from agfsync_jax.log_noise import quiet_third_party_logs

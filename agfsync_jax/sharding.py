@@ -24,11 +24,16 @@ BATCH_SPEC = P(MESH_AXES)
 
 
 def make_mesh(mesh_config: Any, devices: list[jax.Device] | None = None) -> Mesh:
-    """Mesh of shape (data, fsdp) over all devices; `data = -1` takes what fsdp leaves."""
+    """Mesh of shape (data, fsdp) over all devices; `data = -1` takes what fsdp leaves, and
+    `fsdp = -1` takes every device (data must then be -1 or 1): one config for any slice size."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     fsdp = int(mesh_config.fsdp)
     data = int(mesh_config.data)
+    if fsdp == -1:
+        if data not in (-1, 1):
+            raise ValueError(f"mesh.fsdp=-1 (every device) needs mesh.data=-1 or 1, got {data}")
+        fsdp, data = n, 1
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
     if data == -1:
@@ -76,12 +81,23 @@ def place_tree(tree: Any, shardings: Any) -> Any:
     """Host arrays -> global arrays with the given shardings.
 
     Every process holds the full host tree (it read the same checkpoint); each device gets only
-    its slice, so a large model never sits whole on one accelerator.
+    its slice, so a large model never sits whole on one accelerator. An abstract tree
+    (`jax.ShapeDtypeStruct` leaves, see `is_abstract`) is placed abstractly: its leaves get the
+    shardings and nothing is allocated, so the same code builds compile-only programs (the TPU
+    plan in agfsync_jax/plan).
     """
     def put(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def is_abstract(tree: Any) -> bool:
+    """True when every leaf is a `jax.ShapeDtypeStruct` (shapes only, no data)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

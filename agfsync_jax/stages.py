@@ -23,6 +23,7 @@ class Stage:
     in_pipeline: bool = False
     # Stages that never touch JAX devices or diffusers skip the third-party log set-up.
     light: bool = False
+    needs_workdir: bool = True
 
 
 STAGES: tuple[Stage, ...] = (
@@ -49,6 +50,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("judge", "data_prep.judge.stage",
           "a VLM judge compares base and finetuned images of an eval set (run by `eval` when eval.judge.* is set; "
           "--workdir=WORKDIR/eval/<set>)", light=True),
+    Stage("plan", "agfsync_jax.plan.stage",
+          "compile (never run) the train step and sampler for TPU topologies (--topology=v5p:2x2x1,v5e-8): "
+          "per-chip memory against HBM, FLOPs, what to change when it does not fit", needs_workdir=False),
     Stage("pipeline", "agfsync_jax.pipeline", "every pipeline stage in order, skipping finished ones"),
     Stage("clean", "agfsync_jax.clean", "remove a stage's artifacts so that the next run redoes it "
           "(agfsync-jax clean STAGE --workdir=DIR)", light=True),

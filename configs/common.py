@@ -36,7 +36,7 @@ def model_config() -> ml_collections.ConfigDict:
 def mesh_config() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.data = -1  # -1: every device not used by the other axes
-    s.fsdp = 1
+    s.fsdp = 1  # -1: every device (parameters and optimizer state sharded over all of them)
     s.shard_params = "fsdp"  # "fsdp" | "replicate"
     # Kernels with fewer elements than this stay replicated: sharding them costs more in
     # collectives than it saves in memory.
@@ -131,6 +131,8 @@ def sampling_config() -> ml_collections.ConfigDict:
     # last bits depend on the mesh shape and the bitwise reproducibility above is lost).
     s.shard_params = "replicate"
     s.save_png = True
+    # The UNet's attention kernel while sampling; the kinds are train.attention's.
+    s.attention = "diffusers"
     return s
 
 
@@ -222,8 +224,9 @@ def train_config() -> ml_collections.ConfigDict:
     # saving; compile-only plans in docs/performance.md).
     s.remat_scope = "layers"
     # "diffusers": the Flax UNet's own attention; "fused": the same math with a flash-style
-    # backward (agfsync_jax/models/attention.py): less memory in float32, more in bfloat16 on the
-    # XLA:CPU memory plan (docs/performance.md).
+    # backward; "dot_product": jax.nn.dot_product_attention (cuDNN on GPU, XLA elsewhere);
+    # "flash": the platform's fused kernel (Pallas flash attention on TPU, cuDNN on GPU).
+    # agfsync_jax/models/attention.py; what each saves: docs/performance.md.
     s.attention = "diffusers"
     s.prompt_dropout = 0.0  # probability of training a prompt as "" (unconditional)
     s.nonfinite = "skip"  # "skip" (count, keep params) | "stop"
@@ -311,6 +314,21 @@ def eval_config() -> ml_collections.ConfigDict:
     return s
 
 
+def plan_config() -> ml_collections.ConfigDict:
+    """The pre-flight plan (agfsync-jax plan --topology=...; agfsync_jax/plan)."""
+    s = ml_collections.ConfigDict()
+    # Whose configs define the model when model.path is empty: "sd15" | "sdxl" (diffusers configs
+    # shipped in agfsync_jax/plan/architectures; no weights needed) | "" (model.tiny's).
+    s.architecture = ""
+    s.programs = "train,sample"  # which programs to compile: train, sample or both
+    # Model-FLOPs utilisation assumed for the wall-time estimate (an assumption, not a measurement).
+    s.assumed_mfu = 0.4
+    # > 0: plan against this many GiB of HBM per device instead of the chip's (e.g. headroom).
+    s.hbm_gib = 0.0
+    s.hlo_dir = ""  # set: write each compiled program's optimised per-device HLO text there
+    return s
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -324,4 +342,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.encode = encode_config()
     c.export = export_config()
     c.eval = eval_config()
+    c.plan = plan_config()
     return c

@@ -18,6 +18,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from agfsync_jax import lora
 from agfsync_jax.models import attention as attention_lib, remat as remat_lib
@@ -41,20 +42,24 @@ class Conditioning:
 # (params, x_t (B, C, H, W), t () or (B,), cond) -> model output (B, C, H, W), float32 or wider.
 Denoiser = Callable[[Any, jax.Array, jax.Array, Conditioning], jax.Array]
 
-ATTENTION_KINDS = ("diffusers", "fused")
+ATTENTION_KINDS = attention_lib.ATTENTION_KINDS
 
 
 def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "diffusers",
-                  remat_scope: str = "layers", lora_scale: float | None = None) -> Denoiser:
+                  remat_scope: str = "layers", lora_scale: float | None = None,
+                  mesh: Mesh | None = None, attention_field: str = "train.attention") -> Denoiser:
     """(params, x_t, t, cond) -> prediction (float32 or wider), with optional rematerialisation.
 
     `params` is the UNet's parameter tree, or `lora.WithAdapters(base, adapters)` for a LoRA
     policy, whose adapters then act with `lora_scale` (alpha / rank); the base tree alone runs
     the UNet with adapters off (the LoRA run's reference).
 
-    `attention` is "diffusers" (the Flax UNet's own attention) or "fused"
-    (`agfsync_jax.models.attention`: the same math with a flash-style backward that keeps no
-    N x N probabilities for the backward pass).
+    `attention` is one of `agfsync_jax.models.attention.ATTENTION_KINDS`: "diffusers" (the Flax
+    UNet's own attention), "fused" (the same math with a flash-style backward that keeps no
+    N x N probabilities for the backward pass), "dot_product" (`jax.nn.dot_product_attention`,
+    cuDNN on GPU) or "flash" (the platform's fused kernel: Pallas flash attention on TPU). The
+    platform is that of `mesh`'s devices (JAX's default backend without one); `attention_field`
+    names the config field in errors.
 
     `remat_policy` names a `jax.checkpoint_policies` member; the UNet's activations are then
     recomputed in the backward pass except for what the policy saves (empty: no remat).
@@ -63,8 +68,7 @@ def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "di
     "blocks" (every down, mid and up block), or "unet" (the whole forward as one checkpoint,
     recomputed in full before the backward; docs/performance.md compares the three).
     """
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"train.attention={attention!r}; expected one of {ATTENTION_KINDS}")
+    attention_interceptor = attention_lib.interceptor_for(attention, mesh, field=attention_field)
     if remat_scope not in remat_lib.SCOPES:
         raise ValueError(f"train.remat_scope={remat_scope!r}; expected one of {remat_lib.SCOPES}")
     policy = None
@@ -78,8 +82,8 @@ def make_denoiser(unet_module: Any, remat_policy: str = "", attention: str = "di
         with contextlib.ExitStack() as stack:
             if lora_scale is not None:
                 stack.enter_context(nn.intercept_methods(lora.interceptor(lora_scale)))
-            if attention == "fused":
-                stack.enter_context(nn.intercept_methods(attention_lib.interceptor))
+            if attention_interceptor is not None:
+                stack.enter_context(nn.intercept_methods(attention_interceptor))
             if per_module:
                 stack.enter_context(nn.intercept_methods(remat_lib.interceptor(policy, remat_scope)))
             out = unet_module.apply(lora.variables(params), x_t, t, cond.embeds,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from agfsync_jax import storage
 from agfsync_jax.models import weight_conversion, weight_files
@@ -228,3 +229,79 @@ def unet_added_cond_dims(unet_config: dict[str, Any]) -> tuple[int, int] | None:
     num_time_ids = 6
     return unet_config["projection_class_embeddings_input_dim"] - num_time_ids * time_dim, num_time_ids
 
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerShape:
+    """Stands in for a tokenizer where only its padded length matters (abstract models)."""
+
+    model_max_length: int
+
+
+def _abstract_params(init_fn: Any, policy: DtypePolicy) -> Any:
+    """The parameter tree `init_fn(rng)` would build, as ShapeDtypeStructs in the param dtype."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    flat = flatten_dict(shapes.unfreeze() if hasattr(shapes, "unfreeze") else shapes)
+
+    def cast(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        dtype = policy.param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype)
+    return unflatten_dict({k: cast(v) for k, v in flat.items()})
+
+
+def _token_length(folder: Path, tokenizer: str, encoder_config: dict[str, Any]) -> int:
+    path = folder / tokenizer / "tokenizer_config.json"
+    if path.is_file():
+        length = json.loads(path.read_text()).get("model_max_length")
+        if isinstance(length, int) and 0 < length < 10**6:  # HF writes 1e30 for "unbounded"
+            return length
+    return int(encoder_config["max_position_embeddings"])
+
+
+def abstract_stable_diffusion(folder: str | Path, policy: DtypePolicy = DtypePolicy(),
+                              components: Sequence[str] = ALL_COMPONENTS) -> StableDiffusion:
+    """`load_stable_diffusion` without weights: every parameter is a `jax.ShapeDtypeStruct`.
+
+    Reads only the folder's JSON configs (a folder may hold no weight files at all, e.g. the
+    architecture folders of agfsync_jax/plan), so full-size programs can be built and compiled
+    without allocating them. Tokenizers are replaced by `TokenizerShape` (their padded length).
+    """
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+
+    folder = Path(folder)
+    unknown = set(components) - set(ALL_COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; choose from {ALL_COMPONENTS}")
+    family = detect_family(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", folder, "scheduler")
+
+    def diffusers_component(component: str, flax_cls: Any) -> FlaxComponent:
+        config = _component_config(folder, component)
+        module = flax_cls.from_config(config, dtype=policy.compute_dtype)
+        return FlaxComponent(module=module, params=_abstract_params(module.init_weights, policy),
+                             config=dict(config))
+
+    unet = diffusers_component("unet", FlaxUNet2DConditionModel)
+    vae = diffusers_component("vae", FlaxAutoencoderKL) if "vae" in components else None
+    encoders: list[FlaxComponent] = []
+    tokenizers: list[TokenizerShape] = []
+    if "text_encoders" in components:
+        names = ("text_encoder",) if family == FAMILY_SD1 else ("text_encoder", "text_encoder_2")
+        for i, name in enumerate(names):
+            config = _component_config(folder, name)
+            flax_cls = FlaxCLIPTextModelWithProjection if name == "text_encoder_2" else FlaxCLIPTextModel
+            model = flax_cls(CLIPTextConfig.from_pretrained(folder / name), dtype=policy.compute_dtype,
+                             _do_init=False)
+            seq = int(config["max_position_embeddings"])
+            params = _abstract_params(lambda rng, m=model, s=seq: m.init_weights(rng, (1, s)), policy)
+            encoders.append(FlaxComponent(module=model, params=params, config=dict(config)))
+            tokenizers.append(TokenizerShape(_token_length(folder, "tokenizer" if i == 0 else "tokenizer_2",
+                                                           config)))
+    return StableDiffusion(
+        path=folder, family=family, unet=unet, vae=vae, text_encoders=tuple(encoders),
+        tokenizers=tuple(tokenizers), scheduler_config=scheduler_config,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == FAMILY_SDXL)))

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from agfsync_jax.models.loading import FAMILY_SDXL, StableDiffusion
 from agfsync_jax.models.text_encoding import encode_tokens, tokenize, unconditional_embeddings
@@ -107,12 +108,17 @@ def latent_shape(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any], 
 
 
 def candidate_models(sd: StableDiffusion, scheduler: Scheduler, resolution: int, guidance_scale: float,
-                     decode_images: bool) -> CandidateModels:
-    """The static half of `generate` for a model loaded with its VAE (used only if decode_images)."""
+                     decode_images: bool, attention: str = "diffusers", mesh: Mesh | None = None) -> CandidateModels:
+    """The static half of `generate` for a model loaded with its VAE (used only if decode_images).
+
+    `attention` is the UNet's attention kernel (`sampling.attention`, one of
+    `agfsync_jax.models.attention.ATTENTION_KINDS`) for programs over `mesh`.
+    """
     if sd.vae is None:
         raise ValueError(f"{sd.path}: load the VAE too (its config fixes the latent shape)")
     return CandidateModels(
-        family=sd.family, text_encoders=tuple(e.module for e in sd.text_encoders), denoise_fn=make_denoiser(sd.unet.module),
+        family=sd.family, text_encoders=tuple(e.module for e in sd.text_encoders),
+        denoise_fn=make_denoiser(sd.unet.module, attention=attention, mesh=mesh, attention_field="sampling.attention"),
         vae=sd.vae.module if decode_images else None, vae_config=dict(sd.vae.config),
         scheduler=scheduler, latent_shape=latent_shape(sd.unet.config, sd.vae.config, resolution, f"({sd.path})"),
         # diffusers runs classifier-free guidance only for guidance_scale > 1.

@@ -92,10 +92,16 @@ class SamplingProgram:
         self.params = sharding.place_tree(params, self._param_shardings)
         self.sharded_param_arrays = sum(s.spec != P() for s in jax.tree.leaves(self._param_shardings))
         replicated = sharding.replicated(mesh)
-        uncond = Conditioning(np.asarray(uncond.embeds), None if uncond.pooled is None else np.asarray(uncond.pooled))
+        # Abstract parameters and conditioning (ShapeDtypeStructs) give a compile-only program
+        # (the TPU plan in agfsync_jax/plan): placed abstractly, compiled, never run.
+        self.abstract = sharding.is_abstract(params)
+        if not self.abstract:
+            uncond = Conditioning(np.asarray(uncond.embeds),
+                                  None if uncond.pooled is None else np.asarray(uncond.pooled))
         self._uncond_shardings = jax.tree.map(lambda _: replicated, uncond)
         self.uncond = sharding.place_tree(uncond, self._uncond_shardings)
-        self.guidance_scale = sharding.place_tree(np.float32(guidance_scale), replicated)
+        scale = jax.ShapeDtypeStruct((), np.float32) if self.abstract else np.float32(guidance_scale)
+        self.guidance_scale = sharding.place_tree(scale, replicated)
 
         batch_sharding = sharding.batch_sharding(mesh)
         self._batch_shardings = {k: batch_sharding for k in self._shapes}
@@ -133,14 +139,22 @@ class SamplingProgram:
         out = jax.lax.map(one_chunk, {name: to_chunks(x) for name, x in batch.items()})
         return {name: from_chunks(y) for name, y in out.items()}
 
-    def compile(self) -> None:
-        """Lowers and compiles the program once; records compile time and XLA's FLOP estimate."""
+    def trace(self) -> Any:
+        """The program traced for this batch layout (`jax.stages.Traced`), from shapes only."""
         abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
                                        self.params, self._param_shardings)
         abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self._batch_shardings[k])
                           for k, (shape, dtype) in self._shapes.items()}
+        return self._jitted.trace(abstract_params, abstract_batch, self.uncond, self.guidance_scale)
+
+    def lower(self) -> Any:
+        """The program lowered for this batch layout (`jax.stages.Lowered`)."""
+        return self.trace().lower()
+
+    def compile(self) -> None:
+        """Lowers and compiles the program once; records compile time and XLA's FLOP estimate."""
         start = time.perf_counter()
-        self.compiled = self._jitted.lower(abstract_params, abstract_batch, self.uncond, self.guidance_scale).compile()
+        self.compiled = self.lower().compile()
         self.compile_seconds = time.perf_counter() - start
         self.flops = _flops(self.compiled)
         logging.info("sampling program compiled in %.1f s (global batch %d, microbatch %d, %d devices, "
@@ -150,6 +164,8 @@ class SamplingProgram:
 
     def __call__(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Dispatches one batch (this process's rows) and returns the global outputs without waiting."""
+        if self.abstract:
+            raise ValueError("this SamplingProgram was built from abstract parameters: it compiles, it cannot run")
         if self.compiled is None:
             self.compile()
         for name, (shape, dtype) in self._shapes.items():

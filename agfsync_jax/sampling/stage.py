@@ -112,7 +112,8 @@ def _build_program(config: Any, model_path: Path, scheduler: schedulers.Schedule
     s = config.sampling
     sd = load_stable_diffusion(model_path, DtypePolicy.from_config(config.model),
                                variant=config.model.variant)
-    models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png)
+    models = candidates.candidate_models(sd, scheduler, config.model.resolution, s.guidance_scale, s.save_png,
+                                         attention=s.attention, mesh=mesh)
     params = candidates.model_params(sd, s.save_png)
     params["unet"] = model_setup.sampling_unet_params(sd, s.lora_path, s.lora_scale)
     program = SamplingProgram(

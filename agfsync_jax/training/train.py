@@ -135,6 +135,16 @@ def lora_scale(train_config: Any) -> float | None:
     return lora.adapter_scale(rank, float(train_config.lora.alpha)) if rank > 0 else None
 
 
+def _abstract_encoding(sd: StableDiffusion) -> Any:
+    """Shapes of one prompt's encoding, in the compute dtype the PromptEncoder keeps."""
+    length = sd.tokenizers[0].model_max_length
+    ids = jax.ShapeDtypeStruct((len(sd.text_encoders), 1, length), np.int32)
+    params = tuple(c.params for c in sd.text_encoders)
+    encoded = jax.eval_shape(text_lib.step_text_encoder(sd), params, ids)
+    dtype = sd.unet.module.dtype
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), encoded)
+
+
 def _frozen(config: Any, spec: losses.LossSpec, sd: StableDiffusion, param_shardings: Any,
             mesh: jax.sharding.Mesh, prompt_encoder: text_lib.PromptEncoder | None) -> Frozen:
     base = None
@@ -151,7 +161,10 @@ def _frozen(config: Any, spec: losses.LossSpec, sd: StableDiffusion, param_shard
     empty = None
     if float(config.train.prompt_dropout) > 0:
         # The encoding of "" (not zeros, even for SDXL): what diffusers' training scripts drop to.
-        encoded = prompt_encoder([""])
+        if prompt_encoder is None:  # an abstract model (compile-only plans): its shapes suffice
+            encoded = _abstract_encoding(sd)
+        else:
+            encoded = prompt_encoder([""])
         host = Conditioning(encoded.embeds, encoded.pooled)
         empty = sharding.place_tree(host, jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), host))
     return Frozen(ref_params=ref, text_params=text_params, empty=empty, base_params=base)
@@ -292,13 +305,16 @@ def build_training(config: Any, sd: StableDiffusion, mesh: jax.sharding.Mesh) ->
     abstract = abstract_train_state(initial, tx, int(config.seed), ema=float(cfg.ema_decay) > 0)
     state_sh = train_state_shardings(abstract, mesh, config.mesh)
     prompt_encoder = None
-    if cfg.text_encoding == "cached" or float(cfg.prompt_dropout) > 0:
+    # An abstract model (ShapeDtypeStruct parameters) builds the same steps for compile-only
+    # plans; it has no weights to encode prompts with.
+    needs_encoder = cfg.text_encoding == "cached" or float(cfg.prompt_dropout) > 0
+    if needs_encoder and not sharding.is_abstract(sd.unet.params):
         compute_dtype = DtypePolicy.from_config(config.model).compute_dtype
         prompt_encoder = text_lib.PromptEncoder(sd, np.dtype(compute_dtype))
     frozen = _frozen(config, spec, sd, state_sh.params, mesh, prompt_encoder)
     frozen_sh = frozen_shardings(frozen, state_sh.params, mesh, config.mesh)
     denoiser = make_denoiser(sd.unet.module, cfg.remat_policy if cfg.remat else "", cfg.attention,
-                             cfg.remat_scope, lora_scale=lora_scale(cfg))
+                             cfg.remat_scope, lora_scale=lora_scale(cfg), mesh=mesh)
     text_encode = text_lib.step_text_encoder(sd) if cfg.text_encoding == "in_step" else None
     train_step = make_train_step(
         denoiser=denoiser, spec=spec, schedule=schedule, beta=float(cfg.beta), tx=tx,

@@ -202,3 +202,40 @@ def test_guidance_embedding_unet_is_refused_naming_the_field(tiny_sd1_path, tmp_
         loading.load_stable_diffusion(lcm)
     msg = str(e.value)
     assert "time_cond_proj_dim=16" in msg and str(lcm / "unet" / "config.json") in msg and "LCM-LoRA" in msg
+
+
+def test_abstract_model_has_the_loaded_models_shapes(tiny_sd1_path, tiny_sdxl_path):
+    """`abstract_stable_diffusion` (configs only) builds exactly the trees the real loader fills."""
+    import jax
+
+    from agfsync_jax.models.loading import abstract_stable_diffusion, load_stable_diffusion
+
+    for path in (tiny_sd1_path, tiny_sdxl_path):
+        real, abstract = load_stable_diffusion(path), abstract_stable_diffusion(path)
+        for r, a in zip([real.unet, real.vae, *real.text_encoders], [abstract.unet, abstract.vae, *abstract.text_encoders]):
+            shapes = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), r.params)
+            assert jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), a.params) == shapes
+        assert [t.model_max_length for t in abstract.tokenizers] == [t.model_max_length for t in real.tokenizers]
+        assert (abstract.family, abstract.force_zeros_for_empty_prompt) == (real.family, real.force_zeros_for_empty_prompt)
+
+
+@pytest.mark.parametrize("name, unet_params, text_params", [
+    # The published parameter counts of runwayml/stable-diffusion-v1-5 and
+    # stabilityai/stable-diffusion-xl-base-1.0 (UNet; CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers).
+    ("sd15", 859_520_964, [123_060_480]),
+    ("sdxl", 2_567_463_684, [123_060_480, 694_659_840]),
+])
+def test_shipped_architectures_are_the_real_models(name, unet_params, text_params):
+    import jax
+    import numpy as np
+
+    from agfsync_jax.models.loading import abstract_stable_diffusion
+    from agfsync_jax.plan.compile_plan import architecture_folder
+
+    sd = abstract_stable_diffusion(architecture_folder(name))
+
+    def count(tree):
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+    assert count(sd.unet.params) == unet_params
+    assert [count(c.params) for c in sd.text_encoders] == text_params
+    assert count(sd.vae.params) == 83_653_863
