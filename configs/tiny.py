@@ -2,15 +2,13 @@
 
     agfsync-jax pipeline --config=configs/tiny.py --workdir=workdir/demo
 
-Needs no network and no weights (`make demo` runs it; about 5 minutes on 2 CPU cores, 3.3 of them
-pretraining). The tiny UNet is first pretrained for 300 steps into a denoiser of synthetic latents
-that differ in smoothness (agfsync_jax/tiny/pretrain.py); the VAE, text encoder and
-scorers stay random, so the images are texture-like. A random UNet gives DPO nothing to learn
-(docs/tiny_closed_loop.md); the pretrained one does: on 96 prompts the finetuned model should beat
-the base on the training reward, 70 wins / 26 losses (sign test p = 4e-6) when measured. Use
-`--config.model.tiny=sdxl` for the tiny SDXL layout and `--config.model.tiny_pretrain_steps=0`
-for a random UNet.
-"""
+Sized for a 2-core CPU and no network or weights (`make demo` runs it; timings and results in
+docs/tiny_closed_loop.md). The tiny UNet is first pretrained into a denoiser of synthetic latents
+that differ in smoothness (agfsync_jax/tiny/pretrain.py); the VAE, text encoder and scorers stay
+random, so the images are texture-like. A random UNet gives DPO nothing to learn; the pretrained
+one does: the finetuned model should beat the base on the training reward over the held-out
+eval prompts (sign test in the report). Use `--config.model.tiny=sdxl` for the tiny SDXL layout
+and `--config.model.tiny_pretrain_steps=0` for a random UNet."""
 
 from configs import common
 from agfsync_jax.tiny.pipeline import TINY_RESOLUTION

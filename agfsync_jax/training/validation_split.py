@@ -104,16 +104,20 @@ def _from_record(record: dict[str, Any], pairs_dir: storage.Path) -> Split:
 
 def load_or_make_split(train_cfg: Any, pairs_dir: storage.PathLike, train_dir: storage.PathLike, *,
                        resuming: bool) -> Split | None:
-    """The run's split, or None when there is none. Every process calls this: process 0 makes
-    and writes the split on a first start, then all read the recorded file."""
+    """The run's split, or None when there is none. Every process calls this: process 0 writes
+    the split on a first start, then all read the recorded file."""
     pairs_dir, path = storage.as_path(pairs_dir), storage.as_path(train_dir) / SPLIT_FILE
     wanted = check_settings(train_cfg)
     if wanted and resuming and not path.is_file():
         raise ValueError(f"train.val_fraction / train.val_pairs are set but this run started without a held-out "
                          f"split (no {path}): its checkpoints may have trained on any pair. Unset them, or start "
                          "in a new work directory")
-    if wanted and not path.is_file() and jax.process_index() == 0:
-        atomic_io.atomic_write_json(path, make_split(train_cfg, pairs_dir))
+    if wanted and not path.is_file():
+        # Every process makes it (deterministic, from the records): a split that cannot be made
+        # fails on all of them, rather than leaving the others waiting at the barrier below.
+        split = make_split(train_cfg, pairs_dir)
+        if jax.process_index() == 0:
+            atomic_io.atomic_write_json(path, split)
     multihost_utils.sync_global_devices("agfsync:val_split")
     if not path.is_file():
         return None

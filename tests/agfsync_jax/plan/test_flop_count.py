@@ -29,7 +29,7 @@ def test_matmul_conv_and_loops():
 
 def test_tiny_unet_forward_matches_the_analytical_count(tiny_sd1):
     from benchmarks import flops as analytical
-    from agfsync_jax.training.objective import Conditioning, make_denoiser
+    from agfsync_jax.models.denoiser import Conditioning, make_denoiser
 
     unet = tiny_sd1.unet
     args = (unet.params, jnp.zeros((1, 4, 16, 16)), jnp.zeros((1,), jnp.int32),

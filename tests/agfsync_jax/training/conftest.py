@@ -22,6 +22,7 @@ def write_pairs(out: Path, num_pairs: int, *, seed: int = 0, cross: bool = False
     from agfsync_jax.pairs.records import shard_filename, tfds_features, write_tfrecord
     from data_prep.scoring.pair_records import pair_example
     from data_prep.scoring.pairs import Pair
+    from agfsync_jax import done_marker
     from agfsync_jax.pairs.metadata import write_tfds_metadata
 
     rng = np.random.default_rng(seed)
@@ -44,6 +45,9 @@ def write_pairs(out: Path, num_pairs: int, *, seed: int = 0, cross: bool = False
             serialized.append(features.serialize_example(pair_example(pair, winner, loser)))
         write_tfrecord(out / shard_filename(shard, shards), serialized)
     assert write_tfds_metadata(out, shards) == num_pairs
+    # Finished as the score stage finishes it, so the train stage accepts the folder.
+    done_marker.write(out, {"pairs": num_pairs, "shards": shards},
+                      {"test.pairs": [num_pairs, seed, cross, shards]})
     return out
 
 

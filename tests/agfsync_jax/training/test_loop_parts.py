@@ -34,6 +34,7 @@ def _config(**train_overrides):
     from configs import tiny
 
     config = tiny.get_config()
+    config.train.val_fraction, config.train.eval_every = 0.0, 0
     for k, v in train_overrides.items():
         setattr(config.train, k, v)
     return config
@@ -56,14 +57,14 @@ def test_lora_and_optimizer_config_errors_name_the_field():
                              ({"lr_schedule": "linear"}, "train.lr_schedule"),
                              ({"ema_decay": 1.0}, "train.ema_decay")]:
         with pytest.raises(ValueError, match=field):
-            train._validate(_config(**overrides), mesh)
+            train.validate_config(_config(**overrides), mesh)
     config = _config()
     config.train.lora.rank, config.train.lora.targets = 4, "attention,mlp"
     with pytest.raises(ValueError, match="train.lora.targets"):
-        train._validate(config, mesh)
+        train.validate_config(config, mesh)
     config.train.lora.rank = -1
     with pytest.raises(ValueError, match="train.lora.rank"):
-        train._validate(config, mesh)
+        train.validate_config(config, mesh)
 
 
 def test_sdxl_lora_config_validates():
@@ -71,7 +72,7 @@ def test_sdxl_lora_config_validates():
 
     config = sdxl_lora.get_config()
     assert config.train.lora.rank == 8 and config.model.param_dtype == "bfloat16"
-    train._validate(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    train.validate_config(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
     assert train.lora_scale(config.train) == 1.0
 
 
