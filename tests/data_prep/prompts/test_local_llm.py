@@ -13,11 +13,16 @@ def tiny_lm_dir(tiny_tokenizer_dir, tmp_path_factory):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from transformers import AutoTokenizer
+
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("hf") / "lm"
     shutil.copytree(tiny_tokenizer_dir, out)
-    config = GPT2Config(vocab_size=64, n_positions=256, n_embd=16, n_layer=1, n_head=2,
-                        eos_token_id=2, bos_token_id=2, pad_token_id=0)
+    # Every id the model can emit is in the tokenizer, and no id ends the reply early: a random
+    # model's 6-token reply is then empty only if all six are special tokens (with the old
+    # 64-id vocabulary, ids without a word and an early end made empty replies in some runs).
+    config = GPT2Config(vocab_size=len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)), n_positions=256,
+                        n_embd=16, n_layer=1, n_head=2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(out)
     return out
 
