@@ -42,9 +42,9 @@ def get_config():
     c.train.warmup_steps = 0
     c.train.log_every = 5
     c.train.checkpoint_every = 20
-    # Validation curve in TensorBoard (val/*): a tenth of the prompts' pairs held out, never
-    # trained on, scored every 10 steps, and a grid of samples on two fixed prompts.
-    c.train.val_fraction = 0.1
+    # Validation curve in TensorBoard (val/*): 16 pairs (two batches) held out, never trained on,
+    # scored every 10 steps, and a grid of samples on two fixed prompts.
+    c.train.val_pairs = 16
     c.train.eval_every = 10
     c.train.val_prompts = ("a red cat sitting on a wooden table", "a small house near the river")
 

@@ -26,6 +26,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from agfsync_jax import sharding, storage
+from agfsync_jax.errors import ConfigError
 from agfsync_jax.models.loading import StableDiffusion
 from agfsync_jax.pairs.dataset import PairDataset
 from agfsync_jax.training.summaries import tile
@@ -38,15 +39,15 @@ def check_config(train_cfg: Any, has_split: bool) -> bool:
     every = int(train_cfg.eval_every)
     prompts = tuple(train_cfg.val_prompts)
     if every < 0:
-        raise ValueError(f"train.eval_every={every} must be >= 0 (0: no validation)")
+        raise ConfigError(f"train.eval_every={every} must be >= 0 (0: no validation)")
     if not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"train.val_prompts={prompts!r} must be non-empty strings")
+        raise ConfigError(f"train.val_prompts={prompts!r} must be non-empty strings")
     if every == 0:
         if prompts:
-            raise ValueError("train.val_prompts is set but train.eval_every=0: set how often to sample them")
+            raise ConfigError("train.val_prompts is set but train.eval_every=0: set how often to sample them")
         return False
     if not has_split and not prompts:
-        raise ValueError(f"train.eval_every={every} but nothing to validate on: set train.val_fraction or "
+        raise ConfigError(f"train.eval_every={every} but nothing to validate on: set train.val_fraction or "
                          "train.val_pairs (held-out pairs) and/or train.val_prompts (a sample grid)")
     return True
 
@@ -90,10 +91,10 @@ class Validator:
         if split is not None:
             size = val_batch_size(cfg)
             if size % mesh.size:
-                raise ValueError(f"the validation batch ({size}: train.val_batch_size, or train.batch_size / "
+                raise ConfigError(f"the validation batch ({size}: train.val_batch_size, or train.batch_size / "
                                  f"train.grad_accum_steps) must be a multiple of the device count {mesh.size}")
             if len(split.held_out) < size:
-                raise ValueError(f"{len(split.held_out)} held-out pairs do not fill one validation batch of {size}; "
+                raise ConfigError(f"{len(split.held_out)} held-out pairs do not fill one validation batch of {size}; "
                                  "hold out more (train.val_fraction / train.val_pairs) or set train.val_batch_size")
             held = PairDataset(pairs_dir, global_batch_size=size, seed=0, records=split.held_out)
             batches = [inputs(raw) for raw in held.fixed_batches()]

@@ -27,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from agfsync_jax import atomic_io, storage
+from agfsync_jax.errors import ConfigError
 from agfsync_jax.pairs.dataset import RecordPosition, read_prompt_ids, record_positions
 
 SPLIT_FILE = "val_split.json"
@@ -70,9 +71,9 @@ def check_settings(train_cfg: Any) -> bool:
     """Whether a split is configured; a bad combination raises naming the fields."""
     fraction, pairs = float(train_cfg.val_fraction), int(train_cfg.val_pairs)
     if not 0.0 <= fraction < 1.0 or pairs < 0:
-        raise ValueError(f"train.val_fraction={fraction} must be in [0, 1) and train.val_pairs={pairs} >= 0")
+        raise ConfigError(f"train.val_fraction={fraction} must be in [0, 1) and train.val_pairs={pairs} >= 0")
     if fraction > 0 and pairs > 0:
-        raise ValueError("set train.val_fraction or train.val_pairs, not both")
+        raise ConfigError("set train.val_fraction or train.val_pairs, not both")
     return fraction > 0 or pairs > 0
 
 
@@ -87,7 +88,7 @@ def make_split(train_cfg: Any, pairs_dir: storage.Path) -> dict[str, Any]:
     ids = held_out_ids([p for _, p in records], float(train_cfg.val_fraction), int(train_cfg.val_pairs))
     held_out = [(pos, p) for pos, p in records if p in ids]
     if not held_out or len(held_out) == len(records):
-        raise ValueError(f"train.val_fraction={train_cfg.val_fraction} / train.val_pairs={train_cfg.val_pairs} "
+        raise ConfigError(f"train.val_fraction={train_cfg.val_fraction} / train.val_pairs={train_cfg.val_pairs} "
                          f"holds out {len(held_out)} of the {len(records)} pairs in {pairs_dir}; choose a split that "
                          "leaves pairs on both sides")
     return {"settings": _settings(train_cfg), "dataset": _dataset_shape(pairs_dir), "num_records": len(records),
@@ -109,7 +110,7 @@ def load_or_make_split(train_cfg: Any, pairs_dir: storage.PathLike, train_dir: s
     pairs_dir, path = storage.as_path(pairs_dir), storage.as_path(train_dir) / SPLIT_FILE
     wanted = check_settings(train_cfg)
     if wanted and resuming and not path.is_file():
-        raise ValueError(f"train.val_fraction / train.val_pairs are set but this run started without a held-out "
+        raise ConfigError(f"train.val_fraction / train.val_pairs are set but this run started without a held-out "
                          f"split (no {path}): its checkpoints may have trained on any pair. Unset them, or start "
                          "in a new work directory")
     if wanted and not path.is_file():
@@ -123,9 +124,9 @@ def load_or_make_split(train_cfg: Any, pairs_dir: storage.PathLike, train_dir: s
         return None
     record = json.loads(path.read_text())
     if wanted and record["settings"] != _settings(train_cfg):
-        raise ValueError(f"{path}: this run holds out pairs by {record['settings']}, the config says "
+        raise ConfigError(f"{path}: this run holds out pairs by {record['settings']}, the config says "
                          f"{_settings(train_cfg)}; the split of a run cannot change (use a new work directory)")
     if record["dataset"] != _dataset_shape(pairs_dir):
-        raise ValueError(f"{path}: recorded for a pair dataset with shards {record['dataset']}, but {pairs_dir} "
+        raise ConfigError(f"{path}: recorded for a pair dataset with shards {record['dataset']}, but {pairs_dir} "
                          f"now has {_dataset_shape(pairs_dir)}; the held-out positions would be wrong")
     return _from_record(record, pairs_dir)

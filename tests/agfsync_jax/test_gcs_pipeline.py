@@ -38,7 +38,7 @@ def _overrides(model_url: str) -> dict[str, object]:
         "train.batch_size": 2, "train.steps": TOTAL_STEPS, "train.checkpoint_every": 2,
         "train.keep_checkpoints": 2, "train.log_every": 1,
         # Validation over gs:// in both processes, across the kill: 2 of the 12 pairs held out.
-        "train.val_fraction": 0.0, "train.val_pairs": 2, "train.eval_every": 2, "train.val_sample_steps": 2,
+        "train.val_pairs": 2, "train.eval_every": 2, "train.val_sample_steps": 2,
         "eval.num_prompts": 4, "eval.grid_prompts": 2, "eval.extra_scorers": "",
     }
 

@@ -37,7 +37,7 @@ def _config(model_path: Path, **train_overrides):
     c.encode.batch_size, c.encode.rows_per_shard = 4, 4
     c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 2, 4, 1, 4
     c.train.text_encoding = "cached"
-    c.train.val_fraction, c.train.eval_every = 0.0, 0  # the tests that validate hold out by val_pairs
+    c.train.val_pairs, c.train.eval_every, c.train.val_prompts = 0, 0, ()  # the tests that validate set them
     for k, v in train_overrides.items():
         setattr(c.train, k, v)
     return c

@@ -34,7 +34,7 @@ def _config(**train_overrides):
     from configs import tiny
 
     config = tiny.get_config()
-    config.train.val_fraction, config.train.eval_every = 0.0, 0
+    config.train.val_pairs, config.train.eval_every, config.train.val_prompts = 0, 0, ()
     for k, v in train_overrides.items():
         setattr(config.train, k, v)
     return config

@@ -31,7 +31,7 @@ def _config_code(model_path: Path) -> str:
         config.train.batch_size, config.train.steps = 2, 6
         config.train.checkpoint_every, config.train.keep_checkpoints, config.train.log_every = 3, 2, 1
         config.train.text_encoding = "cached"
-        config.train.val_fraction, config.train.eval_every = 0.0, 0  # six pairs: no held-out split
+        config.train.val_pairs, config.train.eval_every, config.train.val_prompts = 0, 0, ()  # six pairs: no validation
         config.train.lora.rank, config.train.lora.targets = 4, "attention,resnet_convs"
         config.train.adam_moments_dtype, config.train.ema_decay = "bfloat16", 0.9
         config.train.lr_schedule, config.train.warmup_steps = "cosine", 2

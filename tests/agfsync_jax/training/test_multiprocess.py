@@ -38,7 +38,7 @@ def _config_code(model_path: Path, variant: str = "full") -> str:
         # level would flip whole updates between two reduction orders. A larger eps keeps the
         # comparison about the processes, not about the sign of noise.
         config.train.adam_eps = 1e-3
-        config.train.val_fraction, config.train.eval_every = 0.0, 0  # eight pairs: no held-out split
+        config.train.val_pairs, config.train.eval_every, config.train.val_prompts = 0, 0, ()  # eight pairs: no validation
     """) + VARIANTS[variant]
 
 

@@ -35,7 +35,6 @@ def _config_code(model_path: Path) -> str:
         config.train.checkpoint_every, config.train.keep_checkpoints, config.train.log_every = 3, 2, 1
         config.train.text_encoding, config.train.prompt_dropout = "in_step", 0.25
         # Validation: 2 of the 8 pairs held out, scored every 2 steps, and a 1 x 2 sample grid.
-        config.train.val_fraction = 0.0
         config.train.val_pairs, config.train.eval_every, config.train.val_batch_size = 2, 2, 2
         config.train.val_prompts, config.train.val_images_per_prompt = ("a red cat",), 2
         config.train.val_sample_steps = 2
@@ -185,7 +184,7 @@ def test_corrupted_latest_checkpoint_stops_with_the_reason(runs, tmp_path, micro
     config = tiny.get_config()
     config.model.tiny, config.model.path = "", str(micro_sd1_path)
     config.train.batch_size, config.train.steps, config.train.text_encoding = 2, 8, "in_step"
-    config.train.val_fraction, config.train.val_pairs, config.train.val_batch_size = 0.0, 2, 2  # as recorded
+    config.train.val_pairs, config.train.val_batch_size = 2, 2  # as the run recorded them
     before = sorted(os.listdir(workdir / workdir_lib.TRAIN / train.CHECKPOINTS))
     with pytest.raises(checkpointing.CheckpointRestoreError,
                        match=r"checkpoint step 6 .*(cannot be restored|corrupted)") as e:
