@@ -37,21 +37,10 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     p = as_path(path)
     if is_remote(p):
         fs, key = filesystem(p)
-        fs.pipe_file(key, bytes(data))
+        fs.pipe_file(key, bytes(data))  # one upload from memory, no temp file
         return
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(p.parent), prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.fspath(p))
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temp file behind.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(p) as f:
+        f.write(data)
 
 
 def write_text(path: PathLike, text: str) -> None:
@@ -86,6 +75,7 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
             os.fsync(f.fileno())
         os.replace(tmp, os.fspath(p))
     except BaseException:
+        # Also on KeyboardInterrupt: never leave the temp file behind.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
